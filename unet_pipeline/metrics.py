@@ -1,0 +1,534 @@
+"""The ISBI 2012 challenge metrics, exactly as its reference code computed them.
+
+Every definition follows ../shared/docs/METRICS.md (the metric classes of
+Fiji's Trainable Segmentation plugin): pixel error, foreground-restricted Rand
+error, warping error (splits + mergers, minimum over thresholds), V_rand and
+V_info after a 4-connected watershed, and the plain Jain warping residual.
+Inputs are (slices, y, x) stacks; ground truth 255 = cell, proposal = float
+probability in [0, 1], high = cell. The warping loop and the watershed are
+compiled with numba; everything else is vectorised NumPy/SciPy.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numba
+import numpy as np
+from scipy import ndimage
+
+FOUR_CONNECTED = ndimage.generate_binary_structure(2, 1)
+
+
+# --------------------------------------------------------------------------- inputs
+def thresholds(count: int | None = None, maximum: float = 1.0) -> list[float]:
+    """0.0, 0.1, ... accumulated in float64 while <= maximum (11 values for 1.0).
+
+    The last value for maximum 1.0 is 0.9999999999999999, so p == 1.0 counts
+    as cell: this is how the reference loop behaves.
+    """
+    values, th = [], 0.0
+    while th <= maximum:
+        values.append(th)
+        th += 0.1
+    return values if count is None else values[:count]
+
+
+def as_cell_probability(
+    proposal: np.ndarray, membrane_probability: bool = False, kind: str = "probability"
+) -> np.ndarray:
+    """Validate a proposal and return float64 cell probability, shape (slices, y, x).
+
+    Parameters
+    ----------
+    proposal : float array in [0, 1]; uint8 is read as 0-255 and divided by 255.
+    membrane_probability : the map gives membrane (not cell) probability; flip it.
+    kind : "probability" (default), "binary" (non-zero = cell) or "instances"
+        (label image; label 0 = membrane, any other label = cell).
+    """
+    p = np.asarray(proposal)
+    if p.ndim == 2:
+        p = p[None]
+    if p.ndim != 3:
+        raise ValueError(f"proposal must be 2D or 3D (slices, y, x), got shape {p.shape}")
+    if kind in ("binary", "instances"):
+        p = (p != 0).astype(np.float64)
+    elif kind != "probability":
+        raise ValueError(f"proposal kind must be probability, binary or instances, got {kind!r}")
+    elif p.dtype == np.uint8:
+        p = p.astype(np.float64) / 255.0
+    elif np.issubdtype(p.dtype, np.floating):
+        p = p.astype(np.float64)
+        if np.isnan(p).any():
+            raise ValueError("proposal contains NaN values")
+        if p.min() < 0.0 or p.max() > 1.0:
+            raise ValueError(
+                f"proposal values must lie in [0, 1], found [{p.min():g}, {p.max():g}]; "
+                "convert 0-255 maps to uint8 or divide by 255"
+            )
+    else:
+        raise ValueError(f"proposal dtype {p.dtype} is not supported; use float in [0, 1] or uint8 0-255")
+    return 1.0 - p if membrane_probability else p
+
+
+def as_ground_truth(labels: np.ndarray, shape: tuple[int, ...] | None = None) -> np.ndarray:
+    """Validate ground truth (255 = cell, 0 = membrane) and return it as float64."""
+    gt = np.asarray(labels)
+    if gt.ndim == 2:
+        gt = gt[None]
+    if gt.ndim != 3:
+        raise ValueError(f"ground truth must be 2D or 3D, got shape {gt.shape}")
+    if shape is not None and gt.shape != tuple(shape):
+        raise ValueError(f"ground truth shape {gt.shape} does not match proposal shape {tuple(shape)}")
+    gt = gt.astype(np.float64)
+    if np.isnan(gt).any():
+        raise ValueError("ground truth contains NaN values")
+    return gt
+
+
+def _label4(mask: np.ndarray) -> tuple[np.ndarray, int]:
+    return ndimage.label(mask, structure=FOUR_CONNECTED)
+
+
+def f_score(tp: float, fp: float, fn: float) -> float:
+    precision = 1.0 if fp == 0 else tp / (tp + fp)
+    recall = 1.0 if fn == 0 else tp / (tp + fn)
+    return 0.0 if precision + recall == 0 else 2.0 * precision * recall / (precision + recall)
+
+
+# --------------------------------------------------------------------------- pixel error
+def pixel_error_curve(gt: np.ndarray, prob: np.ndarray) -> list[tuple[float, float]]:
+    """(threshold, 1 - F) of the cell class, counts summed over all slices."""
+    truth = gt > 0
+    curve = []
+    for th in thresholds():
+        pred = prob > th
+        tp = float(np.count_nonzero(pred & truth))
+        fp = float(np.count_nonzero(pred & ~truth))
+        fn = float(np.count_nonzero(~pred & truth))
+        curve.append((th, 1.0 - f_score(tp, fp, fn)))
+    return curve
+
+
+# --------------------------------------------------------------------------- Rand
+def _contingency(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pairs (i, j, n_ij) over the pixels with a > 0."""
+    keep = a > 0
+    ai = a[keep].astype(np.int64)
+    bj = b[keep].astype(np.int64)
+    if ai.size == 0:
+        empty = np.zeros(0, np.int64)
+        return empty, empty, empty
+    key = ai * (int(bj.max()) + 1) + bj
+    uniq, counts = np.unique(key, return_counts=True)
+    return uniq // (int(bj.max()) + 1), uniq % (int(bj.max()) + 1), counts
+
+
+def rand_counts(a: np.ndarray, b: np.ndarray) -> tuple[float, float, float]:
+    """TP, FP, FN of the foreground-restricted Rand index for one slice.
+
+    Proposal label 0 inside ground-truth cells: each pixel is its own segment.
+    """
+    i, j, n = _contingency(a, b)
+    n = n.astype(np.float64)
+    on_membrane = float(n[j == 0].sum())
+    inside = j > 0
+    tp = float(np.sum(n[inside] ** 2)) + on_membrane
+    col = np.bincount(j[inside], weights=n[inside]) if inside.any() else np.zeros(1)
+    predicted = float(np.sum(col ** 2)) + on_membrane
+    row = np.bincount(i, weights=n)
+    actual = float(np.sum(row ** 2))
+    return tp, predicted - tp, actual - tp
+
+
+def rand_error_curve(gt: np.ndarray, prob: np.ndarray) -> list[tuple[float, float]]:
+    """(threshold, 1 - F) with TP/FP/FN summed over slices."""
+    curve = []
+    for th in thresholds():
+        tp = fp = fn = 0.0
+        for z in range(gt.shape[0]):
+            a, _ = _label4(gt[z] > th)
+            b, _ = _label4(prob[z] > th)
+            t, f, n = rand_counts(a, b)
+            tp, fp, fn = tp + t, fp + f, fn + n
+        curve.append((th, 1.0 - f_score(tp, fp, fn)))
+    return curve
+
+
+def info_score(a: np.ndarray, b: np.ndarray) -> float:
+    """V_info of one slice (foreground-restricted, proposal label 0 = singletons)."""
+    i, j, n = _contingency(a, b)
+    total = float(n.sum())
+    if total == 0:
+        return f_score(0, 0, 0)
+    p = n / total
+    c = float(p[j == 0].sum())
+    a_marg = np.bincount(i, weights=p)
+    a_marg = a_marg[a_marg > 0]
+    inside = j > 0
+    b_marg = np.bincount(j[inside], weights=p[inside]) if inside.any() else np.zeros(0)
+    b_marg = b_marg[b_marg > 0]
+    log_n = math.log(total)
+    s_a = float(np.sum(a_marg * np.log(a_marg)))
+    s_b = float(np.sum(b_marg * np.log(b_marg))) - c * log_n
+    p_in = p[inside]
+    s_ab = float(np.sum(p_in * np.log(p_in))) - c * log_n
+    h_a, h_b = -s_a, -s_b
+    h_a_given_b, h_b_given_a = s_b - s_ab, s_a - s_ab
+    if h_a == 0:
+        precision, recall = 0.0, 1.0
+    elif h_b == 0:
+        precision, recall = 1.0, 0.0
+    else:
+        precision = (h_a - h_a_given_b) / h_a
+        recall = (h_b - h_b_given_a) / h_b
+    return 0.0 if precision + recall == 0 else 2.0 * precision * recall / (precision + recall)
+
+
+@numba.njit(cache=True)
+def _watershed_binary(cell: np.ndarray) -> np.ndarray:
+    """4-connected Vincent-Soille watershed of the image (cell ? 0 : 255).
+
+    Basins: 4-components of cell pixels. Membrane pixels are flooded first in,
+    first out (column-major scan, neighbours W, N, E, S; a neighbour counts
+    once its distance is <= the current one, as in the reference code); where
+    basins meet the pixel becomes 0 (a one-pixel line); membrane blobs
+    touching no basin get new labels.
+    """
+    h, w = cell.shape
+    mask_label, wshed, init = -2, 0, -1
+    lab = np.full((h, w), init, np.int64)
+    dist = np.zeros((h, w), np.int64)
+    queue = np.empty(h * w + 2, np.int64)
+    dy = np.array([0, -1, 0, 1])
+    dx = np.array([-1, 0, 1, 0])
+    current = 0
+    # Level 0: every cell pixel is a new minimum (flood its 4-component).
+    for x in range(w):
+        for y in range(h):
+            if cell[y, x] and lab[y, x] == init:
+                current += 1
+                head, tail = 0, 0
+                queue[tail] = y * w + x
+                tail += 1
+                lab[y, x] = current
+                while head < tail:
+                    q = queue[head]
+                    head += 1
+                    qy, qx = q // w, q % w
+                    for k in range(4):
+                        ry, rx = qy + dy[k], qx + dx[k]
+                        if 0 <= ry < h and 0 <= rx < w and cell[ry, rx] and lab[ry, rx] == init:
+                            lab[ry, rx] = current
+                            queue[tail] = ry * w + rx
+                            tail += 1
+    # Level 255: flood the membrane from the basins.
+    head, tail = 0, 0
+    fictitious = -1
+    for x in range(w):
+        for y in range(h):
+            if not cell[y, x]:
+                lab[y, x] = mask_label
+                for k in range(4):
+                    ry, rx = y + dy[k], x + dx[k]
+                    if 0 <= ry < h and 0 <= rx < w and lab[ry, rx] > 0:
+                        dist[y, x] = 1
+                        queue[tail] = y * w + x
+                        tail += 1
+                        break
+    cur_dist = 1
+    queue[tail] = fictitious
+    tail += 1
+    size = h * w + 2
+    count = tail
+    while True:
+        p = queue[head % size]
+        head += 1
+        count -= 1
+        if p == fictitious:
+            if count == 0:
+                break
+            queue[tail % size] = fictitious
+            tail += 1
+            count += 1
+            cur_dist += 1
+            p = queue[head % size]
+            head += 1
+            count -= 1
+        py, px = p // w, p % w
+        # `flag` (Soille's correction): a pixel made a line only by a line
+        # neighbour may still join a basin; one made a line by two basins may not.
+        flag = False
+        for k in range(4):
+            qy, qx = py + dy[k], px + dx[k]
+            if not (0 <= qy < h and 0 <= qx < w):
+                continue
+            lq = lab[qy, qx]
+            if dist[qy, qx] <= cur_dist and (lq > 0 or lq == wshed):
+                if lq > 0:
+                    if lab[py, px] == mask_label or (lab[py, px] == wshed and flag):
+                        lab[py, px] = lq
+                    elif lab[py, px] != lq:
+                        lab[py, px] = wshed
+                        flag = False
+                elif lab[py, px] == mask_label:
+                    lab[py, px] = wshed
+                    flag = True
+            elif lq == mask_label and dist[qy, qx] == 0:
+                dist[qy, qx] = cur_dist + 1
+                queue[tail % size] = qy * w + qx
+                tail += 1
+                count += 1
+    # Membrane blobs that no basin reached become basins of their own.
+    for x in range(w):
+        for y in range(h):
+            dist[y, x] = 0
+            if lab[y, x] == mask_label:
+                current += 1
+                head, tail = 0, 0
+                queue[tail] = y * w + x
+                tail += 1
+                lab[y, x] = current
+                while head < tail:
+                    q = queue[head]
+                    head += 1
+                    qy, qx = q // w, q % w
+                    for k in range(4):
+                        ry, rx = qy + dy[k], qx + dx[k]
+                        if 0 <= ry < h and 0 <= rx < w and lab[ry, rx] == mask_label:
+                            lab[ry, rx] = current
+                            queue[tail] = ry * w + rx
+                            tail += 1
+    return lab
+
+
+def watershed_labels(cell: np.ndarray) -> np.ndarray:
+    """Public wrapper of the binary watershed used for V_rand / V_info (0 = line)."""
+    return _watershed_binary(np.ascontiguousarray(cell, dtype=np.bool_))
+
+
+def thinned_scores(gt: np.ndarray, prob: np.ndarray) -> tuple[list, list]:
+    """Curves (threshold, mean V_rand) and (threshold, mean V_info) over slices."""
+    v_rand, v_info = [], []
+    for th in thresholds():
+        rs, infos = [], []
+        for z in range(gt.shape[0]):
+            a, _ = _label4(gt[z] > th)
+            b = watershed_labels(prob[z] > th)
+            rs.append(f_score(*rand_counts(a, b)))
+            infos.append(info_score(a, b))
+        v_rand.append((th, float(np.mean(rs))))
+        v_info.append((th, float(np.mean(infos))))
+    return v_rand, v_info
+
+
+# --------------------------------------------------------------------------- warping
+def _simple_point_table() -> np.ndarray:
+    """256-entry table: is the centre of this 8-neighbourhood a simple point?
+
+    Bit k of the index is neighbour k in the order NW, N, NE, E, SE, S, SW, W.
+    Simple (cell 4-connected, membrane 8-connected): the cell neighbours form
+    exactly one 4-component touching a 4-neighbour of the centre, and the
+    membrane neighbours form exactly one 8-component.
+    """
+    table = np.zeros(256, np.bool_)
+    ring = [(0, 0), (0, 1), (0, 2), (1, 2), (2, 2), (2, 1), (2, 0), (1, 0)]
+    four_neighbours = {(0, 1), (1, 2), (2, 1), (1, 0)}
+    for code in range(256):
+        patch = np.zeros((3, 3), bool)
+        for k, (y, x) in enumerate(ring):
+            patch[y, x] = bool(code >> k & 1)
+        cells, _ = ndimage.label(patch, structure=FOUR_CONNECTED)
+        touching = {cells[p] for p in four_neighbours if cells[p] > 0}
+        background = ~patch
+        background[1, 1] = False
+        _, n_membrane = ndimage.label(background, structure=np.ones((3, 3), bool))
+        table[code] = len(touching) == 1 and n_membrane == 1
+    return table
+
+
+SIMPLE_POINT = _simple_point_table()
+
+
+@numba.njit(cache=True)
+def _neighbourhood_code(img: np.ndarray, y: int, x: int) -> int:
+    return (
+        img[y - 1, x - 1] * 1 + img[y - 1, x] * 2 + img[y - 1, x + 1] * 4 + img[y, x + 1] * 8
+        + img[y + 1, x + 1] * 16 + img[y + 1, x] * 32 + img[y + 1, x - 1] * 64 + img[y, x - 1] * 128
+    )
+
+
+@numba.njit(cache=True)
+def _warp(labels: np.ndarray, target: np.ndarray, key: np.ndarray, simple: np.ndarray) -> np.ndarray:
+    """Warp `labels` towards `target` by flipping simple points (padded uint8 images).
+
+    Passes repeat until no mismatch is left or a pass changes nothing; each
+    pass lists mismatches column-major, sorts them stably by descending key
+    and flips, in that order, each one that is simple in the current image.
+    """
+    h, w = labels.shape
+    warped = labels.copy()
+    previous = -1
+    while True:
+        count = 0
+        for x in range(w):
+            for y in range(h):
+                if warped[y, x] != target[y, x]:
+                    count += 1
+        if count == 0 or count == previous:
+            break
+        previous = count
+        ys = np.empty(count, np.int64)
+        xs = np.empty(count, np.int64)
+        keys = np.empty(count, np.float32)
+        n = 0
+        for x in range(w):
+            for y in range(h):
+                if warped[y, x] != target[y, x]:
+                    ys[n] = y
+                    xs[n] = x
+                    keys[n] = -key[y, x]
+                    n += 1
+        order = np.argsort(keys, kind="mergesort")
+        for idx in order:
+            y, x = ys[idx], xs[idx]
+            if simple[_neighbourhood_code(warped, y, x)]:
+                warped[y, x] = 1 - warped[y, x]
+    return warped
+
+
+@numba.njit(cache=True)
+def _neighbour_labels(comp: np.ndarray, y: int, x: int, out: np.ndarray) -> int:
+    """Distinct labels among the in-image 8-neighbours of (y, x); returns how many."""
+    h, w = comp.shape
+    n = 0
+    for oy in range(-1, 2):
+        for ox in range(-1, 2):
+            if oy == 0 and ox == 0:
+                continue
+            ny, nx = y + oy, x + ox
+            if 0 <= ny < h and 0 <= nx < w:
+                v = comp[ny, nx]
+                seen = False
+                for k in range(n):
+                    if out[k] == v:
+                        seen = True
+                        break
+                if not seen:
+                    out[n] = v
+                    n += 1
+    return n
+
+
+def _classify_mismatches(warped: np.ndarray, target: np.ndarray) -> tuple[int, int, int]:
+    """(splits, merges, all residual mismatches) of a warped slice (unpadded)."""
+    comp, _ = _label4(warped)
+    ys, xs = np.nonzero(warped != target)
+    splits = merges = 0
+    buf = np.empty(8, np.int64)
+    h, w = warped.shape
+    for y, x in zip(ys, xs):
+        n = _neighbour_labels(comp, int(y), int(x), buf)
+        is_cell = warped[y, x] == 1
+        if n >= 3:
+            if is_cell:
+                splits += 1
+            else:
+                merges += 1
+        elif n == 2 and is_cell:
+            # Does removing this cell pixel cut its object locally?
+            window = np.zeros((41, 41), np.uint8)
+            y0, x0 = y - 20, x - 20
+            sy0, sx0 = max(0, y0), max(0, x0)
+            sy1, sx1 = min(h, y0 + 41), min(w, x0 + 41)
+            window[sy0 - y0:sy1 - y0, sx0 - x0:sx1 - x0] = warped[sy0:sy1, sx0:sx1]
+            window[20, 20] = 0
+            local, _ = _label4(window)
+            if _neighbour_labels(local, 20, 20, buf) > 2:
+                splits += 1
+    return splits, merges, len(ys)
+
+
+def warp_slice(gt_cell: np.ndarray, prob: np.ndarray, th: float) -> tuple[np.ndarray, np.ndarray]:
+    """Warp ground truth towards the thresholded proposal; returns (warped, target) unpadded."""
+    labels = np.pad(gt_cell.astype(np.uint8), 1)
+    target = np.pad((prob > th).astype(np.uint8), 1)
+    key = np.pad(np.abs(prob - th).astype(np.float32), 1)
+    warped = _warp(labels, target, key, SIMPLE_POINT)
+    return warped[1:-1, 1:-1], target[1:-1, 1:-1]
+
+
+def warping_error_curve(gt: np.ndarray, prob: np.ndarray) -> list[tuple[float, float]]:
+    """(threshold, (splits + merges) / pixels) for thresholds 0.0 .. 0.9."""
+    curve = []
+    for th in thresholds(count=10):
+        topological = 0
+        for z in range(gt.shape[0]):
+            warped, target = warp_slice(gt[z] > 0, prob[z], th)
+            s, m, _ = _classify_mismatches(warped, target)
+            topological += s + m
+        curve.append((th, topological / gt.size))
+    return curve
+
+
+def warping_residual(gt: np.ndarray, prob: np.ndarray, th: float = 0.5) -> float:
+    """Plain Jain et al. warping error: all residual mismatches / pixels, mean over slices."""
+    per_slice = []
+    for z in range(gt.shape[0]):
+        warped, target = warp_slice(gt[z] > 0, prob[z], th)
+        per_slice.append(np.count_nonzero(warped != target) / warped.size)
+    return float(np.mean(per_slice))
+
+
+# --------------------------------------------------------------------------- all together
+@dataclass
+class MetricResult:
+    """Scores of one evaluation and the curves they were optimised over."""
+
+    pixel_error: float
+    rand_error: float
+    warping_error: float
+    warping_residual_at_0_5: float
+    v_rand: float
+    v_info: float
+    curves: dict
+
+    def summary(self) -> dict:
+        return {
+            "pixel_error": self.pixel_error,
+            "rand_error": self.rand_error,
+            "warping_error": self.warping_error,
+            "warping_residual_at_0.5": self.warping_residual_at_0_5,
+            "v_rand": self.v_rand,
+            "v_info": self.v_info,
+        }
+
+
+def evaluate_isbi(labels: np.ndarray, proposal: np.ndarray, membrane_probability: bool = False,
+                  kind: str = "probability", which: tuple[str, ...] | None = None) -> MetricResult:
+    """All ISBI 2012 metrics of a proposal against ground truth.
+
+    `which` restricts to a subset of "pixel", "rand", "warping", "thinned"
+    (V_rand / V_info); skipped scores are NaN.
+    """
+    prob = as_cell_probability(proposal, membrane_probability, kind)
+    gt = as_ground_truth(labels, prob.shape)
+    which = which or ("pixel", "rand", "warping", "thinned")
+    nan = float("nan")
+    curves: dict = {}
+    pixel = rand = warping = residual = v_rand = v_info = nan
+    if "pixel" in which:
+        curves["pixel_error"] = pixel_error_curve(gt, prob)
+        pixel = min(e for _, e in curves["pixel_error"])
+    if "rand" in which:
+        curves["rand_error"] = rand_error_curve(gt, prob)
+        rand = min(e for _, e in curves["rand_error"])
+    if "warping" in which:
+        curves["warping_error"] = warping_error_curve(gt, prob)
+        warping = min(e for _, e in curves["warping_error"])
+        residual = warping_residual(gt, prob)
+    if "thinned" in which:
+        curves["v_rand"], curves["v_info"] = thinned_scores(gt, prob)
+        v_rand = max(v for _, v in curves["v_rand"])
+        v_info = max(v for _, v in curves["v_info"])
+    return MetricResult(pixel, rand, warping, residual, v_rand, v_info, curves)
