@@ -30,44 +30,15 @@ COMPLETE_KEY = "unet_pipeline"
 
 # --------------------------------------------------------------------------- reading
 def read_stack(path: str | os.PathLike) -> np.ndarray:
-    """Read a 3D (slices, y, x) stack from a multi-page TIFF, a folder of TIFFs or a Zarr.
+    """Read a whole (slices, y, x) stack into memory (TIFF, folder of TIFFs or Zarr).
 
-    2D images become a one-slice stack. Raises InputError naming the file when
-    it is missing, not an image, empty or not 2D/3D.
+    For small data (tests, synthetic stacks, validation slices); stages that
+    must scale stream slices through `preprocess.StackSource` instead.
     """
-    path = Path(path)
-    if not path.exists():
-        raise InputError(f"{path}: file not found. Check the path in the config (datasets.<name>.raw / labels).")
-    if path.is_dir() and (path / "zarr.json").exists() or path.suffix == ZARR_SUFFIX:
-        data = np.asarray(open_zarr_array(path)[...])
-    elif path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix.lower() in TIFF_SUFFIXES)
-        if not files:
-            raise InputError(f"{path}: folder holds no .tif/.tiff files; expected one file per slice.")
-        slices = [_read_tiff(f) for f in files]
-        shapes = {s.shape for s in slices}
-        if len(shapes) != 1:
-            raise InputError(f"{path}: slices have different shapes {sorted(shapes)}; all slices must match.")
-        data = np.stack([s if s.ndim == 2 else s[0] for s in slices])
-    else:
-        data = _read_tiff(path)
-    if data.ndim == 2:
-        data = data[None]
-    if data.ndim != 3:
-        raise InputError(f"{path}: expected a 2D image or a 3D stack (slices, y, x), got shape {data.shape}.")
-    if data.size == 0 or min(data.shape) == 0:
-        raise InputError(f"{path}: the stack is empty (shape {data.shape}).")
-    if not (np.issubdtype(data.dtype, np.integer) or np.issubdtype(data.dtype, np.floating)) or data.dtype == bool:
-        if data.dtype != bool:
-            raise InputError(f"{path}: unsupported pixel type {data.dtype}; use integer or float images.")
-    return data
+    from unet_pipeline.preprocess import StackSource
 
-
-def _read_tiff(path: Path) -> np.ndarray:
-    try:
-        return tifffile.imread(path)
-    except (tifffile.TiffFileError, ValueError, OSError) as exc:
-        raise InputError(f"{path}: not a readable TIFF image ({exc}).") from exc
+    source = StackSource(path)
+    return np.stack(list(source.slices()))
 
 
 def open_zarr_array(path: str | os.PathLike, level: str = "0") -> zarr.Array:

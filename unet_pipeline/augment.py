@@ -1,0 +1,107 @@
+"""Training-tile sampling with the paper's augmentation, as tensor operations on the device.
+
+One sampling grid per tile combines a random shift (the tile's position), a
+rotation, flips and the paper's elastic deformation: displacement vectors on
+a coarse 3x3 grid drawn from N(0, sigma = 10 px) per component, upsampled to
+per-pixel displacements by bicubic interpolation (UNET.md, "Training"). The
+image is resampled bicubically, labels by nearest neighbour and weight maps
+bilinearly, all through the same grid, so they stay aligned. Where the grid
+reaches past the slice, grid_sample's reflection mirrors the data (the same
+mirror extrapolation as at inference). Gray values then vary by random
+contrast, brightness and noise. Random numbers come from one CPU
+`torch.Generator`, so a run is reproducible and resumable on any device.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Every augmentation parameter; set `enabled: false` to sample plain tiles."""
+
+    enabled: bool = True
+    elastic_sigma_px: float = 10.0
+    elastic_grid: int = 3
+    rotation: bool = True
+    flips: bool = True
+    contrast: float = 0.2          # factor drawn from [1 - c, 1 + c]
+    brightness: float = 0.1        # offset drawn from [-b, b] (normalised units)
+    noise_sigma: float = 0.03      # additive Gaussian noise (normalised units)
+
+
+@dataclass
+class TrainingTiles:
+    image: torch.Tensor    # (n, 1, in, in) float
+    labels: torch.Tensor   # (n, out, out) long, 1 = cell
+    weights: torch.Tensor  # (n, out, out) float
+
+
+def _uniform(gen: torch.Generator, n: int, low: float, high: float) -> torch.Tensor:
+    return low + (high - low) * torch.rand(n, generator=gen)
+
+
+def sampling_grid(
+    n: int, in_size: int, slice_shape: tuple[int, int], cfg: AugmentConfig, gen: torch.Generator,
+) -> torch.Tensor:
+    """(n, in, in, 2) source coordinates (x, y) in pixels of the slice, for each tile pixel."""
+    h, w = slice_shape
+    offsets = torch.arange(in_size, dtype=torch.float64) - (in_size - 1) / 2.0
+    gy, gx = torch.meshgrid(offsets, offsets, indexing="ij")
+    local = torch.stack([gx, gy], dim=-1).expand(n, in_size, in_size, 2).clone()
+    if cfg.enabled and cfg.flips:
+        flip = torch.rand(n, 2, generator=gen) < 0.5
+        local = local * torch.where(flip, -1.0, 1.0).to(torch.float64)[:, None, None, :]
+    if cfg.enabled and cfg.rotation:
+        theta = _uniform(gen, n, 0.0, 2 * math.pi).to(torch.float64)
+        c, s = torch.cos(theta)[:, None, None], torch.sin(theta)[:, None, None]
+        x, y = local[..., 0], local[..., 1]
+        local = torch.stack([c * x - s * y, s * x + c * y], dim=-1)
+    if cfg.enabled and cfg.elastic_sigma_px > 0:
+        coarse = torch.randn(n, 2, cfg.elastic_grid, cfg.elastic_grid, generator=gen) * cfg.elastic_sigma_px
+        dense = F.interpolate(coarse, size=(in_size, in_size), mode="bicubic", align_corners=True)
+        local = local + dense.permute(0, 2, 3, 1).to(torch.float64)
+    # The tile centre is uniform over the slice: border pixels get mirrored context.
+    centre = torch.stack([_uniform(gen, n, 0, w - 1), _uniform(gen, n, 0, h - 1)], dim=-1).to(torch.float64)
+    return local + centre[:, None, None, :]
+
+
+def _normalised(grid_px: torch.Tensor, slice_shape: tuple[int, int]) -> torch.Tensor:
+    h, w = slice_shape
+    scale = torch.tensor([2.0 / max(w - 1, 1), 2.0 / max(h - 1, 1)], dtype=grid_px.dtype, device=grid_px.device)
+    return (grid_px * scale - 1.0).float()
+
+
+def sample_tiles(
+    images: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, n: int, in_size: int, out_size: int,
+    cfg: AugmentConfig, gen: torch.Generator,
+) -> TrainingTiles:
+    """Draw `n` augmented training tiles from stacks (S, H, W) held on the training device.
+
+    The label and weight tiles are the central `out_size` part of the same
+    warped grid as the image tile: the network's valid output region.
+    """
+    device = images.device
+    slice_shape = tuple(images.shape[-2:])
+    which = torch.randint(0, images.shape[0], (n,), generator=gen)
+    grid = _normalised(sampling_grid(n, in_size, slice_shape, cfg, gen), slice_shape).to(device)
+    margin = (in_size - out_size) // 2
+    inner = grid[:, margin:margin + out_size, margin:margin + out_size]
+    idx = which.to(device)
+    img = F.grid_sample(images[idx][:, None], grid, mode="bicubic", padding_mode="reflection", align_corners=True)
+    lab = F.grid_sample(labels[idx][:, None].float(), inner, mode="nearest", padding_mode="reflection",
+                        align_corners=True)
+    wts = F.grid_sample(weights[idx][:, None], inner, mode="bilinear", padding_mode="reflection",
+                        align_corners=True)
+    if cfg.enabled:
+        contrast = _uniform(gen, n, 1 - cfg.contrast, 1 + cfg.contrast).to(device)[:, None, None, None]
+        bright = _uniform(gen, n, -cfg.brightness, cfg.brightness).to(device)[:, None, None, None]
+        mean = img.mean(dim=(-2, -1), keepdim=True)
+        img = (img - mean) * contrast + mean + bright
+        if cfg.noise_sigma > 0:
+            img = img + cfg.noise_sigma * torch.randn(img.shape, generator=gen).to(device)
+    return TrainingTiles(img, lab[:, 0].round().long(), wts[:, 0])

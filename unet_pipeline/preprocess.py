@@ -1,0 +1,184 @@
+"""Preprocess: TIFF stacks or Zarr in, chunked compressed OME-Zarr out.
+
+Raw intensities are stored unchanged (uint8 EM compresses well and viewers
+show it as acquired); the normalisation statistics (0.5 and 99.5 percentiles
+over a subsample, mean, std) are stored in the image's attributes and applied
+on the fly by `Normaliser`, so train and predict see the same mapping. Labels
+are validated against the raw stack and converted alongside. Slices are
+streamed one at a time, so memory is bounded by a slice.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import tifffile
+
+from unet_pipeline import io
+from unet_pipeline.errors import InputError
+
+
+# --------------------------------------------------------------------------- streaming input
+class StackSource:
+    """A (slices, y, x) stack read one slice at a time from TIFF, a TIFF folder or Zarr."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise InputError(f"{self.path}: file not found. Check the dataset path in the config.")
+        self._files: list[Path] | None = None
+        self._zarr = None
+        if self.path.suffix == ".zarr" or (self.path / "zarr.json").exists() or (self.path / ".zarray").exists():
+            self._zarr = io.open_zarr_array(self.path)
+            if self._zarr.ndim == 2:
+                self.shape = (1, *self._zarr.shape)
+            else:
+                self.shape = tuple(self._zarr.shape)
+            self.dtype = self._zarr.dtype
+        elif self.path.is_dir():
+            self._files = sorted(p for p in self.path.iterdir() if p.suffix.lower() in io.TIFF_SUFFIXES)
+            if not self._files:
+                raise InputError(f"{self.path}: folder holds no .tif/.tiff files; expected one file per slice.")
+            first = self._read_file(self._files[0])
+            self.shape = (len(self._files), *first.shape)
+            self.dtype = first.dtype
+        else:
+            try:
+                with tifffile.TiffFile(self.path) as tif:
+                    series = tif.series[0]
+                    shape = series.shape
+                    self.dtype = series.dtype
+            except (tifffile.TiffFileError, ValueError, OSError, IndexError) as exc:
+                raise InputError(f"{self.path}: not a readable TIFF image ({exc}).") from exc
+            self.shape = (1, *shape) if len(shape) == 2 else tuple(shape)
+        if len(self.shape) != 3:
+            raise InputError(f"{self.path}: expected a 2D image or a 3D stack (slices, y, x), got shape {self.shape}.")
+        if 0 in self.shape:
+            raise InputError(f"{self.path}: the stack is empty (shape {self.shape}).")
+        if not (np.issubdtype(self.dtype, np.integer) or np.issubdtype(self.dtype, np.floating) or self.dtype == bool):
+            raise InputError(f"{self.path}: unsupported pixel type {self.dtype}; use integer or float images.")
+
+    def _read_file(self, path: Path) -> np.ndarray:
+        try:
+            data = tifffile.imread(path)
+        except (tifffile.TiffFileError, ValueError, OSError) as exc:
+            raise InputError(f"{path}: not a readable TIFF image ({exc}).") from exc
+        if data.ndim != 2:
+            raise InputError(f"{path}: expected a single 2D slice per file, got shape {data.shape}.")
+        return data
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def slice(self, z: int) -> np.ndarray:
+        if self._zarr is not None:
+            data = np.asarray(self._zarr[z] if self._zarr.ndim == 3 else self._zarr[...])
+        elif self._files is not None:
+            data = self._read_file(self._files[z])
+            if data.shape != tuple(self.shape[1:]):
+                raise InputError(f"{self._files[z]}: slice shape {data.shape} differs from the first slice {self.shape[1:]}.")
+        else:
+            data = tifffile.imread(self.path, key=z)
+        return data
+
+    def slices(self) -> Iterator[np.ndarray]:
+        for z in range(len(self)):
+            yield self.slice(z)
+
+
+# --------------------------------------------------------------------------- normalisation
+@dataclass(frozen=True)
+class Normaliser:
+    """Maps raw intensities so that the low/high percentiles go to 0 and 1."""
+
+    low: float
+    high: float
+
+    def __call__(self, raw: np.ndarray) -> np.ndarray:
+        scale = 1.0 / max(self.high - self.low, 1e-6)
+        return (raw.astype(np.float32) - np.float32(self.low)) * np.float32(scale)
+
+    @classmethod
+    def from_attrs(cls, attrs: dict, where: str = "") -> "Normaliser":
+        stats = attrs.get("normalisation")
+        if not stats:
+            raise InputError(f"{where}: no normalisation statistics in the attributes; rerun preprocess.")
+        return cls(float(stats["low"]), float(stats["high"]))
+
+
+def intensity_statistics(source: StackSource, max_samples: int = 2_000_000, seed: int = 0) -> dict:
+    """Percentiles, mean and std from a strided subsample of the stack."""
+    rng = np.random.default_rng(seed)
+    per_slice = max(1, max_samples // len(source))
+    step = max(1, len(source) // 64)
+    samples = []
+    for z in range(0, len(source), step):
+        plane = source.slice(z).ravel()
+        samples.append(plane[rng.integers(0, plane.size, min(per_slice, plane.size))].astype(np.float64))
+    values = np.concatenate(samples)
+    low, high = np.percentile(values, [0.5, 99.5])
+    return {"method": "percentile", "low": float(low), "high": float(high), "percentiles": [0.5, 99.5],
+            "mean": float(values.mean()), "std": float(values.std())}
+
+
+# --------------------------------------------------------------------------- labels
+def check_labels(labels: np.ndarray, where: str, label_format: str = "binary") -> np.ndarray:
+    """Validate one label slice and return it in the stored form.
+
+    binary: values {0, 255} or {0, 1} (ISBI: 255 = cell), stored as uint8 0/255.
+    instances: 0 = membrane/background, every other value one cell, stored as uint32.
+    """
+    if label_format == "binary":
+        values = np.unique(labels)
+        if not set(values.tolist()) <= {0, 1, 255} or {1, 255} <= set(values.tolist()):
+            shown = values[:10].tolist()
+            raise InputError(
+                f"{where}: labels are not binary (values {shown}{'...' if values.size > 10 else ''}); expected "
+                "0 = membrane and 255 (or 1) = cell. For instance labels set label_format: instances."
+            )
+        return np.where(labels > 0, 255, 0).astype(np.uint8)
+    if label_format == "instances":
+        if not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0:
+            raise InputError(f"{where}: instance labels must be non-negative integers, got {labels.dtype}.")
+        return labels.astype(np.uint32)
+    raise InputError(f"label_format must be 'binary' or 'instances', got {label_format!r}")
+
+
+# --------------------------------------------------------------------------- stage
+def preprocess(
+    raw_path: str | os.PathLike,
+    out_raw: str | os.PathLike,
+    labels_path: str | os.PathLike | None = None,
+    out_labels: str | os.PathLike | None = None,
+    chunks: tuple[int, int, int] = (1, 512, 512),
+    voxel_size: tuple[float, float, float] = (1.0, 1.0, 1.0),
+    label_format: str = "binary",
+) -> dict:
+    """Convert a raw stack (and its labels) into OME-Zarr; returns the raw attributes."""
+    raw = StackSource(raw_path)
+    labels = None
+    if labels_path is not None:
+        labels = StackSource(labels_path)
+        if labels.shape != raw.shape:
+            raise InputError(
+                f"{labels_path}: label stack shape {labels.shape} does not match raw stack {raw_path} shape {raw.shape}."
+            )
+    attrs = {"source": str(raw_path), "normalisation": intensity_statistics(raw), "voxel_size": list(voxel_size)}
+    with io.atomic_directory(out_raw) as tmp:
+        arr = io.create_ome_image(tmp, raw.shape, raw.dtype, chunks, voxel_size, name="raw")
+        for z, plane in enumerate(raw.slices()):
+            arr[z] = plane
+        io.build_pyramid(tmp, 2, voxel_size=voxel_size, name="raw")
+        io.mark_complete(tmp, attrs)
+    if labels is not None and out_labels is not None:
+        dtype = np.uint8 if label_format == "binary" else np.uint32
+        with io.atomic_directory(out_labels) as tmp:
+            arr = io.create_ome_image(tmp, labels.shape, dtype, chunks, voxel_size, name="labels")
+            for z, plane in enumerate(labels.slices()):
+                arr[z] = check_labels(plane, f"{labels_path} (slice {z})", label_format)
+            io.build_pyramid(tmp, 2, label=True, voxel_size=voxel_size, name="labels")
+            io.mark_complete(tmp, {"source": str(labels_path), "label_format": label_format})
+    return attrs

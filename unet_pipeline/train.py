@@ -1,0 +1,303 @@
+"""Training loop: weighted softmax cross entropy, SGD momentum 0.99, one large tile.
+
+Follows the paper (UNET.md, "Training"): pixel-wise softmax over the output
+with cross entropy weighted by the precomputed weight map, SGD with momentum
+0.99 and a batch of a single tile by default (Adam optional), elastic
+augmentation on the device (`augment.py`). Loss = mean over output pixels of
+w(x) * -log p_l(x) (the paper's sum divided by the tile area, so that the
+learning rate does not depend on the tile size).
+
+Checkpoints hold model, optimiser, scheduler, step, every RNG state and the
+config, so `--resume` continues exactly (tested: N straight steps == N/2 +
+resume + N/2). Every `validate_every` steps the validation slices are
+predicted with full overlap-tile inference and scored (pixel and Rand error);
+the checkpoint with the best Rand error is kept as the model. With several
+processes (torch.distributed: NCCL on GPUs, gloo on CPU) the model is
+data-parallel and rank 0 validates, logs and saves.
+"""
+from __future__ import annotations
+
+import csv
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from unet_pipeline import io
+from unet_pipeline.augment import AugmentConfig, sample_tiles
+from unet_pipeline.checkpoint import load_checkpoint, save_checkpoint
+from unet_pipeline.device import autocast, resolve_device, resolve_dtype
+from unet_pipeline.errors import ConfigError, InputError
+from unet_pipeline.metrics import pixel_error_curve, rand_error_curve
+from unet_pipeline.model import UNet, UNetConfig
+from unet_pipeline.predict import Predictor
+from unet_pipeline.preprocess import Normaliser
+
+LOG_FIELDS = ["step", "loss", "lr", "seconds", "val_loss", "val_pixel_error", "val_rand_error"]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 2000
+    tile_size: int = 132            # output tile side; the input is tile + 2 * context margin
+    batch_size: int = 1
+    optimizer: str = "sgd"
+    learning_rate: float = 0.01
+    momentum: float = 0.99
+    weight_decay: float = 0.0
+    lr_schedule: str = "constant"   # constant | cosine | step
+    validate_every: int = 250
+    checkpoint_every: int = 250
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "auto"
+    w0: float = 10.0
+    sigma_px: float = 5.0
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def __post_init__(self):
+        if self.steps < 1 or self.batch_size < 1:
+            raise ConfigError("train.steps and train.batch_size must be at least 1")
+        if self.optimizer not in ("sgd", "adam"):
+            raise ConfigError(f"train.optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
+        if self.lr_schedule not in ("constant", "cosine", "step"):
+            raise ConfigError(f"train.lr_schedule must be constant, cosine or step, got {self.lr_schedule!r}")
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        values = dict(values)
+        values["augment"] = AugmentConfig(**values.get("augment", {}))
+        return cls(**values)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class SliceSet:
+    """Normalised images, class labels (1 = cell) and weights of some slices, in memory."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    weights: np.ndarray
+
+    @classmethod
+    def concatenate(cls, parts: list["SliceSet"]) -> "SliceSet":
+        shapes = {p.images.shape[1:] for p in parts}
+        if len(shapes) > 1:
+            raise InputError(f"training slices differ in size {sorted(shapes)}; use datasets of one slice size.")
+        return cls(*(np.concatenate([getattr(p, k) for p in parts]) for k in ("images", "labels", "weights")))
+
+
+def load_slices(raw_path, labels_path, weights_path, slices: list[int]) -> SliceSet:
+    raw = io.open_ome_image(raw_path)
+    normalise = Normaliser.from_attrs(io.store_attrs(raw_path), str(raw_path))
+    labels = io.open_ome_image(labels_path)
+    weights = io.open_zarr_array(weights_path)
+    bad = [z for z in slices if not 0 <= z < raw.shape[0]]
+    if bad:
+        raise ConfigError(f"slices {bad} are outside {raw_path} (it has {raw.shape[0]} slices)")
+    return SliceSet(
+        np.stack([normalise(np.asarray(raw[z])) for z in slices]),
+        np.stack([(np.asarray(labels[z]) > 0).astype(np.uint8) for z in slices]),
+        np.stack([np.asarray(weights[z]) for z in slices]).astype(np.float32),
+    )
+
+
+def weighted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Mean over pixels of w(x) * -log softmax(logits)_{l(x)}(x) (paper, Eq. 1)."""
+    per_pixel = F.cross_entropy(logits.float(), labels, reduction="none")
+    return (per_pixel * weights).mean()
+
+
+def _make_optimizer(model: torch.nn.Module, cfg: TrainConfig):
+    if cfg.optimizer == "sgd":
+        opt = torch.optim.SGD(model.parameters(), lr=cfg.learning_rate, momentum=cfg.momentum,
+                              weight_decay=cfg.weight_decay)
+    else:
+        opt = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    if cfg.lr_schedule == "cosine":
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.steps)
+    elif cfg.lr_schedule == "step":
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=max(1, cfg.steps // 3), gamma=0.1)
+    else:
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+    return opt, sched
+
+
+def validate(model: UNet, data: SliceSet, device, dtype, tile_size: int) -> dict:
+    """Full overlap-tile inference on the validation slices; loss, pixel and Rand error."""
+    was_training = model.training
+    predictor = Predictor(model, device, dtype, max_tile=tile_size)
+    prob = predictor.predict_image(data.images)
+    model.train(was_training)
+    p = np.clip(prob.astype(np.float64), 1e-7, 1 - 1e-7)
+    nll = -np.where(data.labels == 1, np.log(p), np.log(1 - p))
+    gt = data.labels.astype(np.float64) * 255
+    return {
+        "val_loss": float((nll * data.weights).mean()),
+        "val_pixel_error": min(e for _, e in pixel_error_curve(gt, prob.astype(np.float64))),
+        "val_rand_error": min(e for _, e in rand_error_curve(gt, prob.astype(np.float64))),
+    }
+
+
+def _rng_state(gen: torch.Generator) -> dict:
+    state = {"torch": torch.get_rng_state(), "generator": gen.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict, gen: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    gen.set_state(state["generator"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _read_log(path: Path, up_to_step: int) -> list[dict]:
+    if not path.exists():
+        return []
+    with open(path) as fh:
+        return [row for row in csv.DictReader(fh) if int(row["step"]) <= up_to_step]
+
+
+def _write_log(path: Path, rows: list[dict]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, LOG_FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+
+
+def train(
+    model_cfg: UNetConfig,
+    cfg: TrainConfig,
+    train_data: SliceSet,
+    val_data: SliceSet | None,
+    out_dir: str | os.PathLike,
+    resume: bool = False,
+    progress: bool = True,
+    run_config: dict | None = None,
+) -> Path:
+    """Train and return the path of the best model checkpoint (`model.pt` in out_dir).
+
+    out_dir receives `last.pt` (for resuming), `model.pt` (best by validation
+    Rand error, or last if there is no validation set) and `training_log.csv`.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    distributed = dist.is_available() and dist.is_initialized()
+    rank = dist.get_rank() if distributed else 0
+    device = resolve_device(cfg.device)
+    if distributed and device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
+        torch.cuda.set_device(device)
+    dtype = resolve_dtype(cfg.precision, device)
+    in_size = model_cfg.input_size(cfg.tile_size)
+
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed + 1000 * rank)
+    model = UNet(model_cfg).to(device)
+    opt, sched = _make_optimizer(model, cfg)
+    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and dtype == torch.float16)
+    step, best = 0, math.inf
+    last_path, best_path, log_path = out_dir / "last.pt", out_dir / "model.pt", out_dir / "training_log.csv"
+    if resume and last_path.exists():
+        state = load_checkpoint(last_path)
+        if UNetConfig(**state["model_config"]) != model_cfg:
+            raise InputError(f"{last_path}: checkpoint model config differs from the config; cannot resume.")
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        step, best = state["step"], state["best_val_rand_error"]
+        _set_rng_state(state["rng"], gen)
+    log_rows = _read_log(log_path, step) if rank == 0 else []
+    net = torch.nn.parallel.DistributedDataParallel(model) if distributed else model
+
+    images = torch.from_numpy(train_data.images.astype(np.float32, copy=False)).to(device)
+    labels = torch.from_numpy(train_data.labels).to(device)
+    weights = torch.from_numpy(train_data.weights.astype(np.float32, copy=False)).to(device)
+
+    def checkpoint(path: Path):
+        save_checkpoint(path, {
+            "model": model.state_dict(), "model_config": model_cfg.to_dict(), "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(), "scaler": scaler.state_dict(), "step": step,
+            "best_val_rand_error": best, "rng": _rng_state(gen), "train_config": cfg.to_dict(),
+            "config": run_config or {},
+        })
+
+    net.train()
+    bar = tqdm(total=cfg.steps, initial=step, unit="step", disable=not progress or rank != 0, desc="train")
+    start = time.perf_counter()
+    while step < cfg.steps:
+        tiles = sample_tiles(images, labels, weights, cfg.batch_size, in_size, cfg.tile_size, cfg.augment, gen)
+        with autocast(device, dtype):
+            logits = net(tiles.image)
+        loss = weighted_cross_entropy(logits, tiles.labels, tiles.weights)
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        sched.step()
+        step += 1
+        if not math.isfinite(loss.item()):
+            raise RuntimeError(f"training diverged at step {step} (loss {loss.item()}); lower train.learning_rate.")
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if rank != 0:
+            continue
+        row = {"step": step, "loss": loss.item(), "lr": opt.param_groups[0]["lr"],
+               "seconds": time.perf_counter() - start, "val_loss": "", "val_pixel_error": "", "val_rand_error": ""}
+        if val_data is not None and (step % cfg.validate_every == 0 or step == cfg.steps):
+            scores = validate(model, val_data, device, dtype, cfg.tile_size)
+            row.update(scores)
+            bar.write(f"step {step}: validation rand error {scores['val_rand_error']:.4f}, "
+                      f"pixel error {scores['val_pixel_error']:.4f}")
+            if scores["val_rand_error"] < best:
+                best = scores["val_rand_error"]
+                checkpoint(best_path)
+        log_rows.append(row)
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            checkpoint(last_path)
+            _write_log(log_path, log_rows)
+    bar.close()
+    if rank == 0:
+        if val_data is None or not best_path.exists():
+            checkpoint(best_path)
+        _write_log(log_path, log_rows)
+    return best_path
+
+
+def train_worker(rank: int, world_size: int, port: int, kwargs: dict) -> None:
+    """Entry point of one data-parallel process (torch.multiprocessing.spawn)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    backend = "nccl" if torch.cuda.is_available() and kwargs["cfg"].device != "cpu" else "gloo"
+    dist.init_process_group(backend, rank=rank, world_size=world_size)
+    try:
+        train(**kwargs)
+    finally:
+        dist.destroy_process_group()
+
+
+def train_data_parallel(world_size: int, **kwargs) -> Path:
+    """Run `train` in `world_size` processes (one per GPU, or CPU processes with gloo)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(train_worker, args=(world_size, port, kwargs), nprocs=world_size, join=True)
+    return Path(kwargs["out_dir"]) / "model.pt"
