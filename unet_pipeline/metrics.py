@@ -96,21 +96,13 @@ def f_score(tp: float, fp: float, fn: float) -> float:
     return 0.0 if precision + recall == 0 else 2.0 * precision * recall / (precision + recall)
 
 
-# --------------------------------------------------------------------------- pixel error
-def pixel_error_curve(gt: np.ndarray, prob: np.ndarray) -> list[tuple[float, float]]:
-    """(threshold, 1 - F) of the cell class, counts summed over all slices."""
-    truth = gt > 0
-    curve = []
-    for th in thresholds():
-        pred = prob > th
-        tp = float(np.count_nonzero(pred & truth))
-        fp = float(np.count_nonzero(pred & ~truth))
-        fn = float(np.count_nonzero(~pred & truth))
-        curve.append((th, 1.0 - f_score(tp, fp, fn)))
-    return curve
+# --------------------------------------------------------------------------- counts
+def pixel_counts(truth: np.ndarray, pred: np.ndarray) -> tuple[float, float, float]:
+    """TP, FP, FN of the cell class."""
+    return (float(np.count_nonzero(pred & truth)), float(np.count_nonzero(pred & ~truth)),
+            float(np.count_nonzero(~pred & truth)))
 
 
-# --------------------------------------------------------------------------- Rand
 def _contingency(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Pairs (i, j, n_ij) over the pixels with a > 0."""
     keep = a > 0
@@ -119,9 +111,9 @@ def _contingency(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, 
     if ai.size == 0:
         empty = np.zeros(0, np.int64)
         return empty, empty, empty
-    key = ai * (int(bj.max()) + 1) + bj
-    uniq, counts = np.unique(key, return_counts=True)
-    return uniq // (int(bj.max()) + 1), uniq % (int(bj.max()) + 1), counts
+    base = int(bj.max()) + 1
+    uniq, counts = np.unique(ai * base + bj, return_counts=True)
+    return uniq // base, uniq % base, counts
 
 
 def rand_counts(a: np.ndarray, b: np.ndarray) -> tuple[float, float, float]:
@@ -136,23 +128,8 @@ def rand_counts(a: np.ndarray, b: np.ndarray) -> tuple[float, float, float]:
     tp = float(np.sum(n[inside] ** 2)) + on_membrane
     col = np.bincount(j[inside], weights=n[inside]) if inside.any() else np.zeros(1)
     predicted = float(np.sum(col ** 2)) + on_membrane
-    row = np.bincount(i, weights=n)
-    actual = float(np.sum(row ** 2))
+    actual = float(np.sum(np.bincount(i, weights=n) ** 2)) if i.size else 0.0
     return tp, predicted - tp, actual - tp
-
-
-def rand_error_curve(gt: np.ndarray, prob: np.ndarray) -> list[tuple[float, float]]:
-    """(threshold, 1 - F) with TP/FP/FN summed over slices."""
-    curve = []
-    for th in thresholds():
-        tp = fp = fn = 0.0
-        for z in range(gt.shape[0]):
-            a, _ = _label4(gt[z] > th)
-            b, _ = _label4(prob[z] > th)
-            t, f, n = rand_counts(a, b)
-            tp, fp, fn = tp + t, fp + f, fn + n
-        curve.append((th, 1.0 - f_score(tp, fp, fn)))
-    return curve
 
 
 def info_score(a: np.ndarray, b: np.ndarray) -> float:
@@ -307,21 +284,6 @@ def watershed_labels(cell: np.ndarray) -> np.ndarray:
     return _watershed_binary(np.ascontiguousarray(cell, dtype=np.bool_))
 
 
-def thinned_scores(gt: np.ndarray, prob: np.ndarray) -> tuple[list, list]:
-    """Curves (threshold, mean V_rand) and (threshold, mean V_info) over slices."""
-    v_rand, v_info = [], []
-    for th in thresholds():
-        rs, infos = [], []
-        for z in range(gt.shape[0]):
-            a, _ = _label4(gt[z] > th)
-            b = watershed_labels(prob[z] > th)
-            rs.append(f_score(*rand_counts(a, b)))
-            infos.append(info_score(a, b))
-        v_rand.append((th, float(np.mean(rs))))
-        v_info.append((th, float(np.mean(infos))))
-    return v_rand, v_info
-
-
 # --------------------------------------------------------------------------- warping
 def _simple_point_table() -> np.ndarray:
     """256-entry table: is the centre of this 8-neighbourhood a simple point?
@@ -458,32 +420,53 @@ def warp_slice(gt_cell: np.ndarray, prob: np.ndarray, th: float) -> tuple[np.nda
     return warped[1:-1, 1:-1], target[1:-1, 1:-1]
 
 
-def warping_error_curve(gt: np.ndarray, prob: np.ndarray) -> list[tuple[float, float]]:
-    """(threshold, (splits + merges) / pixels) for thresholds 0.0 .. 0.9."""
-    curve = []
-    for th in thresholds(count=10):
-        topological = 0
-        for z in range(gt.shape[0]):
-            warped, target = warp_slice(gt[z] > 0, prob[z], th)
-            s, m, _ = _classify_mismatches(warped, target)
-            topological += s + m
-        curve.append((th, topological / gt.size))
-    return curve
+# --------------------------------------------------------------------------- per slice, then aggregated
+ALL_METRICS = ("pixel", "rand", "warping", "thinned")
 
 
-def warping_residual(gt: np.ndarray, prob: np.ndarray, th: float = 0.5) -> float:
-    """Plain Jain et al. warping error: all residual mismatches / pixels, mean over slices."""
-    per_slice = []
-    for z in range(gt.shape[0]):
-        warped, target = warp_slice(gt[z] > 0, prob[z], th)
-        per_slice.append(np.count_nonzero(warped != target) / warped.size)
-    return float(np.mean(per_slice))
+@dataclass
+class SliceStatistics:
+    """Everything one slice contributes, per threshold, before aggregation over slices."""
+
+    pixels: int
+    pixel_counts: np.ndarray     # (11, 3) TP, FP, FN
+    rand_counts: np.ndarray      # (11, 3) TP, FP, FN
+    splits: np.ndarray           # (10,)
+    merges: np.ndarray           # (10,)
+    residual_at_0_5: float       # all mismatches left after warping at 0.5
+    v_rand: np.ndarray           # (11,)
+    v_info: np.ndarray           # (11,)
 
 
-# --------------------------------------------------------------------------- all together
+def slice_statistics(gt: np.ndarray, prob: np.ndarray, which: tuple[str, ...] = ALL_METRICS) -> SliceStatistics:
+    """Statistics of one 2D slice: gt float (255 = cell), prob float64 cell probability."""
+    ths = thresholds()
+    nan3 = np.full((len(ths), 3), np.nan)
+    stats = SliceStatistics(gt.size, nan3.copy(), nan3.copy(), np.full(10, np.nan), np.full(10, np.nan),
+                            np.nan, np.full(len(ths), np.nan), np.full(len(ths), np.nan))
+    for k, th in enumerate(ths):
+        pred = prob > th
+        if "pixel" in which:
+            stats.pixel_counts[k] = pixel_counts(gt > 0, pred)
+        if "rand" in which or "thinned" in which:
+            a, _ = _label4(gt > th)
+            if "rand" in which:
+                stats.rand_counts[k] = rand_counts(a, _label4(pred)[0])
+            if "thinned" in which:
+                b = watershed_labels(pred)
+                stats.v_rand[k] = f_score(*rand_counts(a, b))
+                stats.v_info[k] = info_score(a, b)
+        if "warping" in which and k < 10:
+            warped, target = warp_slice(gt > 0, prob, th)
+            stats.splits[k], stats.merges[k], residual = _classify_mismatches(warped, target)
+            if k == 5:  # th = 0.5
+                stats.residual_at_0_5 = float(residual)
+    return stats
+
+
 @dataclass
 class MetricResult:
-    """Scores of one evaluation and the curves they were optimised over."""
+    """Scores of one evaluation and the per-threshold curves they were optimised over."""
 
     pixel_error: float
     rand_error: float
@@ -504,31 +487,49 @@ class MetricResult:
         }
 
 
+def aggregate(stats: list[SliceStatistics]) -> MetricResult:
+    """Combine slices as each metric defines it (METRICS.md).
+
+    Pixel and Rand error: TP/FP/FN summed over slices, then 1 - max F over
+    thresholds. Warping error: splits + merges summed over slices / all
+    pixels, minimum over thresholds 0.0..0.9. V_rand / V_info: mean over
+    slices, then maximum over thresholds. Residual: mean over slices.
+    """
+    ths = thresholds()
+    pixels = sum(s.pixels for s in stats)
+    px = np.sum([s.pixel_counts for s in stats], axis=0)
+    rc = np.sum([s.rand_counts for s in stats], axis=0)
+    topo = np.sum([s.splits + s.merges for s in stats], axis=0) / pixels
+    v_rand = np.mean([s.v_rand for s in stats], axis=0)
+    v_info = np.mean([s.v_info for s in stats], axis=0)
+    curves = {
+        "pixel_error": [(th, 1.0 - f_score(*px[k])) for k, th in enumerate(ths)],
+        "rand_error": [(th, 1.0 - f_score(*rc[k])) for k, th in enumerate(ths)],
+        "warping_error": [(th, float(topo[k])) for k, th in enumerate(ths[:10])],
+        "v_rand": [(th, float(v_rand[k])) for k, th in enumerate(ths)],
+        "v_info": [(th, float(v_info[k])) for k, th in enumerate(ths)],
+    }
+
+    def best(name, pick):
+        values = [v for _, v in curves[name] if not math.isnan(v)]
+        return float(pick(values)) if values else float("nan")
+
+    # f_score of NaN counts is NaN-like garbage: blank out metrics not computed.
+    for name, arr in (("pixel_error", px), ("rand_error", rc)):
+        if np.isnan(arr).any():
+            curves[name] = [(th, float("nan")) for th in ths]
+    residual = float(np.mean([s.residual_at_0_5 / s.pixels for s in stats]))
+    return MetricResult(best("pixel_error", min), best("rand_error", min), best("warping_error", min),
+                        residual, best("v_rand", max), best("v_info", max), curves)
+
+
 def evaluate_isbi(labels: np.ndarray, proposal: np.ndarray, membrane_probability: bool = False,
-                  kind: str = "probability", which: tuple[str, ...] | None = None) -> MetricResult:
-    """All ISBI 2012 metrics of a proposal against ground truth.
+                  kind: str = "probability", which: tuple[str, ...] = ALL_METRICS) -> MetricResult:
+    """All ISBI 2012 metrics of a proposal (slices, y, x) against ground truth.
 
     `which` restricts to a subset of "pixel", "rand", "warping", "thinned"
     (V_rand / V_info); skipped scores are NaN.
     """
     prob = as_cell_probability(proposal, membrane_probability, kind)
     gt = as_ground_truth(labels, prob.shape)
-    which = which or ("pixel", "rand", "warping", "thinned")
-    nan = float("nan")
-    curves: dict = {}
-    pixel = rand = warping = residual = v_rand = v_info = nan
-    if "pixel" in which:
-        curves["pixel_error"] = pixel_error_curve(gt, prob)
-        pixel = min(e for _, e in curves["pixel_error"])
-    if "rand" in which:
-        curves["rand_error"] = rand_error_curve(gt, prob)
-        rand = min(e for _, e in curves["rand_error"])
-    if "warping" in which:
-        curves["warping_error"] = warping_error_curve(gt, prob)
-        warping = min(e for _, e in curves["warping_error"])
-        residual = warping_residual(gt, prob)
-    if "thinned" in which:
-        curves["v_rand"], curves["v_info"] = thinned_scores(gt, prob)
-        v_rand = max(v for _, v in curves["v_rand"])
-        v_info = max(v for _, v in curves["v_info"])
-    return MetricResult(pixel, rand, warping, residual, v_rand, v_info, curves)
+    return aggregate([slice_statistics(gt[z], prob[z], which) for z in range(gt.shape[0])])

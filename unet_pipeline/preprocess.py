@@ -16,6 +16,7 @@ from typing import Iterator
 
 import numpy as np
 import tifffile
+import zarr
 
 from unet_pipeline import io
 from unet_pipeline.errors import InputError
@@ -46,13 +47,14 @@ class StackSource:
             self.shape = (len(self._files), *first.shape)
             self.dtype = first.dtype
         else:
+            # tifffile exposes a TIFF as a Zarr store: slices are read on demand
+            # whether the file has one page per slice or one shaped series.
             try:
-                with tifffile.TiffFile(self.path) as tif:
-                    series = tif.series[0]
-                    shape = series.shape
-                    self.dtype = series.dtype
-            except (tifffile.TiffFileError, ValueError, OSError, IndexError) as exc:
+                self._zarr = zarr.open(tifffile.imread(self.path, aszarr=True), mode="r")
+            except (tifffile.TiffFileError, ValueError, OSError, IndexError, KeyError) as exc:
                 raise InputError(f"{self.path}: not a readable TIFF image ({exc}).") from exc
+            shape = self._zarr.shape
+            self.dtype = self._zarr.dtype
             self.shape = (1, *shape) if len(shape) == 2 else tuple(shape)
         if len(self.shape) != 3:
             raise InputError(f"{self.path}: expected a 2D image or a 3D stack (slices, y, x), got shape {self.shape}.")
@@ -76,12 +78,10 @@ class StackSource:
     def slice(self, z: int) -> np.ndarray:
         if self._zarr is not None:
             data = np.asarray(self._zarr[z] if self._zarr.ndim == 3 else self._zarr[...])
-        elif self._files is not None:
+        else:
             data = self._read_file(self._files[z])
             if data.shape != tuple(self.shape[1:]):
                 raise InputError(f"{self._files[z]}: slice shape {data.shape} differs from the first slice {self.shape[1:]}.")
-        else:
-            data = tifffile.imread(self.path, key=z)
         return data
 
     def slices(self) -> Iterator[np.ndarray]:
@@ -150,14 +150,18 @@ def check_labels(labels: np.ndarray, where: str, label_format: str = "binary") -
 # --------------------------------------------------------------------------- stage
 def preprocess(
     raw_path: str | os.PathLike,
-    out_raw: str | os.PathLike,
+    out_raw: str | os.PathLike | None,
     labels_path: str | os.PathLike | None = None,
     out_labels: str | os.PathLike | None = None,
     chunks: tuple[int, int, int] = (1, 512, 512),
     voxel_size: tuple[float, float, float] = (1.0, 1.0, 1.0),
     label_format: str = "binary",
 ) -> dict:
-    """Convert a raw stack (and its labels) into OME-Zarr; returns the raw attributes."""
+    """Convert a raw stack and/or its labels into OME-Zarr; returns the raw attributes.
+
+    With `out_raw` None only the labels are written (still checked against
+    the raw stack's shape), so the two can be separate workflow jobs.
+    """
     raw = StackSource(raw_path)
     labels = None
     if labels_path is not None:
@@ -166,13 +170,15 @@ def preprocess(
             raise InputError(
                 f"{labels_path}: label stack shape {labels.shape} does not match raw stack {raw_path} shape {raw.shape}."
             )
-    attrs = {"source": str(raw_path), "normalisation": intensity_statistics(raw), "voxel_size": list(voxel_size)}
-    with io.atomic_directory(out_raw) as tmp:
-        arr = io.create_ome_image(tmp, raw.shape, raw.dtype, chunks, voxel_size, name="raw")
-        for z, plane in enumerate(raw.slices()):
-            arr[z] = plane
-        io.build_pyramid(tmp, 2, voxel_size=voxel_size, name="raw")
-        io.mark_complete(tmp, attrs)
+    attrs: dict = {}
+    if out_raw is not None:
+        attrs = {"source": str(raw_path), "normalisation": intensity_statistics(raw), "voxel_size": list(voxel_size)}
+        with io.atomic_directory(out_raw) as tmp:
+            arr = io.create_ome_image(tmp, raw.shape, raw.dtype, chunks, voxel_size, name="raw")
+            for z, plane in enumerate(raw.slices()):
+                arr[z] = plane
+            io.build_pyramid(tmp, 2, voxel_size=voxel_size, name="raw")
+            io.mark_complete(tmp, attrs)
     if labels is not None and out_labels is not None:
         dtype = np.uint8 if label_format == "binary" else np.uint32
         with io.atomic_directory(out_labels) as tmp:

@@ -35,7 +35,7 @@ from unet_pipeline.augment import AugmentConfig, sample_tiles
 from unet_pipeline.checkpoint import load_checkpoint, save_checkpoint
 from unet_pipeline.device import autocast, resolve_device, resolve_dtype
 from unet_pipeline.errors import ConfigError, InputError
-from unet_pipeline.metrics import pixel_error_curve, rand_error_curve
+from unet_pipeline.metrics import aggregate, slice_statistics
 from unet_pipeline.model import UNet, UNetConfig
 from unet_pipeline.predict import Predictor
 from unet_pipeline.preprocess import Normaliser
@@ -49,7 +49,7 @@ class TrainConfig:
     tile_size: int = 132            # output tile side; the input is tile + 2 * context margin
     batch_size: int = 1
     optimizer: str = "sgd"
-    learning_rate: float = 0.01
+    learning_rate: float = 0.002    # for SGD with momentum 0.99 on the mean-per-pixel loss
     momentum: float = 0.99
     weight_decay: float = 0.0
     lr_schedule: str = "constant"   # constant | cosine | step
@@ -141,11 +141,10 @@ def validate(model: UNet, data: SliceSet, device, dtype, tile_size: int) -> dict
     p = np.clip(prob.astype(np.float64), 1e-7, 1 - 1e-7)
     nll = -np.where(data.labels == 1, np.log(p), np.log(1 - p))
     gt = data.labels.astype(np.float64) * 255
-    return {
-        "val_loss": float((nll * data.weights).mean()),
-        "val_pixel_error": min(e for _, e in pixel_error_curve(gt, prob.astype(np.float64))),
-        "val_rand_error": min(e for _, e in rand_error_curve(gt, prob.astype(np.float64))),
-    }
+    scores = aggregate([slice_statistics(gt[z], prob[z].astype(np.float64), ("pixel", "rand"))
+                        for z in range(gt.shape[0])])
+    return {"val_loss": float((nll * data.weights).mean()),
+            "val_pixel_error": scores.pixel_error, "val_rand_error": scores.rand_error}
 
 
 def _rng_state(gen: torch.Generator) -> dict:
@@ -187,11 +186,14 @@ def train(
     resume: bool = False,
     progress: bool = True,
     run_config: dict | None = None,
+    max_steps_now: int | None = None,
 ) -> Path:
     """Train and return the path of the best model checkpoint (`model.pt` in out_dir).
 
     out_dir receives `last.pt` (for resuming), `model.pt` (best by validation
     Rand error, or last if there is no validation set) and `training_log.csv`.
+    `max_steps_now` stops after that many steps of this call (to fit a job's
+    time limit); a later call with `resume=True` continues exactly.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -211,10 +213,12 @@ def train(
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and dtype == torch.float16)
     step, best = 0, math.inf
     last_path, best_path, log_path = out_dir / "last.pt", out_dir / "model.pt", out_dir / "training_log.csv"
-    if resume and last_path.exists():
-        state = load_checkpoint(last_path)
-        if UNetConfig(**state["model_config"]) != model_cfg:
-            raise InputError(f"{last_path}: checkpoint model config differs from the config; cannot resume.")
+    state = load_checkpoint(last_path) if resume and last_path.exists() else None
+    if state is not None and (state["model_config"] != model_cfg.to_dict() or state["train_config"] != cfg.to_dict()):
+        # A changed config means a new experiment: resuming would mix two runs.
+        print(f"{last_path}: written with another model/train config; starting a new run", flush=True)
+        state = None
+    if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
@@ -239,7 +243,8 @@ def train(
     net.train()
     bar = tqdm(total=cfg.steps, initial=step, unit="step", disable=not progress or rank != 0, desc="train")
     start = time.perf_counter()
-    while step < cfg.steps:
+    stop_at = cfg.steps if max_steps_now is None else min(cfg.steps, step + max_steps_now)
+    while step < stop_at:
         tiles = sample_tiles(images, labels, weights, cfg.batch_size, in_size, cfg.tile_size, cfg.augment, gen)
         with autocast(device, dtype):
             logits = net(tiles.image)
@@ -267,12 +272,13 @@ def train(
                 best = scores["val_rand_error"]
                 checkpoint(best_path)
         log_rows.append(row)
-        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+        if step % cfg.checkpoint_every == 0:
             checkpoint(last_path)
             _write_log(log_path, log_rows)
     bar.close()
     if rank == 0:
-        if val_data is None or not best_path.exists():
+        checkpoint(last_path)
+        if step == cfg.steps and (val_data is None or not best_path.exists()):
             checkpoint(best_path)
         _write_log(log_path, log_rows)
     return best_path

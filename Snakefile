@@ -1,0 +1,44 @@
+# unet-pipeline: the U-Net of Ronneberger et al. (2015) for EM volumes.
+# Stages: synth -> preprocess -> weights -> train -> predict (sharded) ->
+# gather -> segment -> evaluate -> report. config/README.md documents the keys.
+import sys
+
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+from unet_pipeline.config import validate_config
+from unet_pipeline.errors import ConfigError
+
+try:
+    config = validate_config(config)
+except ConfigError as exc:
+    sys.exit(f"unet-pipeline: invalid configuration: {exc}")
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/synth.smk"
+include: "workflow/rules/preprocess.smk"
+include: "workflow/rules/weights.smk"
+include: "workflow/rules/train.smk"
+include: "workflow/rules/predict.smk"
+include: "workflow/rules/segment.smk"
+include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/report.smk"
+
+
+rule all:
+    input:
+        report=f"{R}/report/report.md",
+        segmentations=expand(f"{R}/{{dataset}}/segmentation.ome.zarr", dataset=PREDICTED),
+
+
+onsuccess:
+    print(
+        f"\nunet-pipeline finished.\n  outputs: {R}/<dataset>/ (raw, probabilities, segmentation as OME-Zarr)"
+        f"\n  model:   {R}/model/model.pt\n  report:  {R}/report/report.md\n"
+    )

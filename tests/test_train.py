@@ -1,0 +1,77 @@
+import numpy as np
+import pytest
+import torch
+
+from unet_pipeline.model import UNetConfig
+from unet_pipeline.train import SliceSet, TrainConfig, train, train_data_parallel, weighted_cross_entropy
+from unet_pipeline.weights import weight_map
+
+MODEL = UNetConfig(base_channels=4, depth=2)
+
+
+@pytest.fixture(scope="module")
+def slices(synthetic_stack):
+    raw, labels = synthetic_stack
+    weights = np.stack([weight_map(l) for l in labels])
+    img = (raw.astype(np.float32) - raw.min()) / (raw.max() - raw.min())
+    return SliceSet(img[:3], (labels[:3] > 0).astype(np.uint8), weights[:3]), \
+        SliceSet(img[3:], (labels[3:] > 0).astype(np.uint8), weights[3:])
+
+
+def _cfg(steps, **kw):
+    return TrainConfig(steps=steps, tile_size=20, checkpoint_every=2, validate_every=3, device="cpu", **kw)
+
+
+def test_weighted_cross_entropy_matches_definition():
+    logits = torch.tensor([[[[2.0]], [[0.0]]]])  # class 0 favoured
+    labels = torch.tensor([[[1]]])
+    weights = torch.tensor([[[3.0]]])
+    p1 = torch.softmax(logits, 1)[0, 1, 0, 0]
+    assert weighted_cross_entropy(logits, labels, weights).item() == pytest.approx(-3 * torch.log(p1).item())
+
+
+def test_resume_gives_identical_weights(slices, tmp_path):
+    tr, va = slices
+    train(MODEL, _cfg(6), tr, va, tmp_path / "straight", progress=False)
+    train(MODEL, _cfg(6), tr, va, tmp_path / "split", progress=False, max_steps_now=3)
+    assert torch.load(tmp_path / "split" / "last.pt", weights_only=False)["step"] == 3
+    train(MODEL, _cfg(6), tr, va, tmp_path / "split", progress=False, resume=True)
+    a = torch.load(tmp_path / "straight" / "last.pt", weights_only=False)
+    b = torch.load(tmp_path / "split" / "last.pt", weights_only=False)
+    assert b["step"] == 6
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    log = (tmp_path / "split" / "training_log.csv").read_text().splitlines()
+    assert [line.split(",")[0] for line in log[1:]] == [str(i) for i in range(1, 7)]
+
+
+def test_changed_config_starts_a_new_run_instead_of_resuming(slices, tmp_path):
+    tr, va = slices
+    train(MODEL, _cfg(2), tr, None, tmp_path, progress=False)
+    train(MODEL, _cfg(3, learning_rate=0.01), tr, None, tmp_path, progress=False, resume=True)
+    assert torch.load(tmp_path / "last.pt", weights_only=False)["step"] == 3
+    assert len((tmp_path / "training_log.csv").read_text().splitlines()) == 4
+
+
+def test_training_is_deterministic_on_cpu(slices, tmp_path):
+    tr, va = slices
+    train(MODEL, _cfg(3), tr, None, tmp_path / "a", progress=False)
+    train(MODEL, _cfg(3), tr, None, tmp_path / "b", progress=False)
+    a = torch.load(tmp_path / "a" / "model.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "b" / "model.pt", weights_only=False)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_validation_keeps_best_checkpoint_and_logs(slices, tmp_path):
+    tr, va = slices
+    best = train(MODEL, _cfg(6), tr, va, tmp_path, progress=False)
+    log = (tmp_path / "training_log.csv").read_text().splitlines()
+    assert log[0].startswith("step,loss") and len(log) == 7
+    assert torch.load(best, weights_only=False)["best_val_rand_error"] <= 1.0
+
+
+def test_data_parallel_on_cpu_with_gloo(slices, tmp_path):
+    tr, va = slices
+    best = train_data_parallel(2, model_cfg=MODEL, cfg=_cfg(2), train_data=tr, val_data=None,
+                               out_dir=tmp_path, progress=False)
+    assert best.exists()

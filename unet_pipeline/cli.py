@@ -1,0 +1,263 @@
+"""`unet-pipeline <stage>`: one subcommand per workflow stage.
+
+Snakemake rules call these, and each also runs on its own. Errors meant for
+users (bad input, bad config) are printed as one sentence, without a
+traceback, and the command exits with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from unet_pipeline.errors import PipelineError
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in text.replace("x", ",").split(","))
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    return tuple(float(v) for v in text.split(","))
+
+
+def cmd_synth(a):
+    import tifffile
+
+    from unet_pipeline.synthetic import synthesize_labels_and_raw
+
+    raw, labels = synthesize_labels_and_raw(a.slices, tuple(a.shape), a.seed, a.cell_diameter_px)
+    for path, data in ((a.out_raw, raw), (a.out_labels, labels)):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(path).with_name(f".tmp-{Path(path).name}")
+        tifffile.imwrite(tmp, data)
+        os.replace(tmp, path)
+    print(f"wrote {a.out_raw} and {a.out_labels}: {raw.shape}")
+
+
+def cmd_preprocess(a):
+    from unet_pipeline.preprocess import preprocess
+
+    if (a.labels is None) != (a.out_labels is None):
+        raise PipelineError("--labels and --out-labels go together")
+    if a.out_raw is None and a.out_labels is None:
+        raise PipelineError("nothing to write: give --out-raw and/or --labels with --out-labels")
+    preprocess(a.raw, a.out_raw, a.labels, a.out_labels, _ints(a.chunks), _floats(a.voxel_size), a.label_format)
+    print(f"wrote {', '.join(p for p in (a.out_raw, a.out_labels) if p)}")
+
+
+def cmd_weights(a):
+    from unet_pipeline.weights import write_weights
+
+    write_weights(a.labels, a.out, a.w0, a.sigma_px, a.label_format)
+    print(f"wrote {a.out}")
+
+
+def cmd_train(a):
+    import torch
+
+    from unet_pipeline.config import parse_slices
+    from unet_pipeline.io import open_ome_image
+    from unet_pipeline.model import UNetConfig
+    from unet_pipeline.train import SliceSet, TrainConfig, load_slices, train, train_data_parallel
+
+    torch.set_num_threads(a.threads)
+    model_cfg = UNetConfig(**json.loads(a.model))
+    train_values = json.loads(a.train)
+    gpus = int(train_values.pop("gpus", 1))
+    cfg = TrainConfig.from_dict(train_values)
+    train_parts, val_parts = [], []
+    for ds in json.loads(a.datasets):
+        n = open_ome_image(ds["raw"]).shape[0]
+        tr = parse_slices(ds.get("train"), n, f"datasets.{ds['name']}.train")
+        va = parse_slices(ds.get("validate"), n, f"datasets.{ds['name']}.validate")
+        if tr:
+            train_parts.append(load_slices(ds["raw"], ds["labels"], ds["weights"], tr))
+        if va:
+            val_parts.append(load_slices(ds["raw"], ds["labels"], ds["weights"], va))
+    if not train_parts:
+        raise PipelineError("no training slices: set datasets.<name>.train for a dataset with labels")
+    kwargs = dict(model_cfg=model_cfg, cfg=cfg, train_data=SliceSet.concatenate(train_parts),
+                  val_data=SliceSet.concatenate(val_parts) if val_parts else None, out_dir=a.out,
+                  resume=a.resume, progress=not a.no_progress, run_config=json.loads(a.run_config or "{}"))
+    world = gpus if torch.cuda.is_available() else a.cpu_processes
+    world = min(world, torch.cuda.device_count()) if torch.cuda.is_available() else world
+    best = train_data_parallel(world, **kwargs) if world > 1 else train(**kwargs)
+    print(f"trained model: {best}")
+
+
+def cmd_predict(a):
+    import torch
+
+    from unet_pipeline.predict import load_predictor, parse_shard, predict_volume, write_summary
+
+    torch.set_num_threads(a.threads)
+    predictor = load_predictor(a.checkpoint, a.device, a.precision, _tta(a.tta), a.tile_size, a.batch_size)
+    stats = predict_volume(predictor, a.raw, a.out, a.checkpoint, _ints(a.chunks), a.dtype, parse_shard(a.shard),
+                           a.workers, a.overwrite, not a.no_progress, a.precision, _tta(a.tta))
+    if a.summary:
+        write_summary(a.summary, stats)
+    print(f"predicted {stats.chunks_computed} chunks ({stats.chunks_skipped} already done) into {a.out}")
+
+
+def _tta(value: str):
+    return int(value) if value.isdigit() else value
+
+
+def cmd_gather(a):
+    from unet_pipeline.io import atomic_write_text
+    from unet_pipeline.predict import gather
+
+    gather(a.out, a.pyramid_levels)
+    if a.done_file:
+        atomic_write_text(a.done_file, f"{a.out}\n")
+    print(f"{a.out} is complete")
+
+
+def cmd_segment(a):
+    from unet_pipeline.segment import segment
+
+    count = segment(a.prob, a.out, a.threshold, a.connectivity, a.workers)
+    print(f"wrote {a.out}: {count} cells")
+
+
+def cmd_evaluate(a):
+    from unet_pipeline.config import parse_slices
+    from unet_pipeline.evaluate import evaluate
+    from unet_pipeline.io import open_ome_image
+
+    n = open_ome_image(a.labels).shape[0]
+    slices = parse_slices(json.loads(a.slices) if a.slices.startswith("[") else a.slices, n, "--slices")
+    summary = evaluate(a.prob, a.labels, slices, a.out_json, a.out_slices, a.out_curves, a.out_plot, a.workers)
+    print(json.dumps({k: summary[k] for k in ("pixel_error", "rand_error", "warping_error", "v_rand", "v_info")}))
+
+
+def cmd_report(a):
+    from unet_pipeline.report import write_report
+
+    metrics = dict(item.split("=", 1) for item in a.metrics)
+    write_report(a.out, a.log, metrics, json.loads(a.example) if a.example else None)
+    print(f"report: {a.out}")
+
+
+def cmd_validate_config(a):
+    from unet_pipeline.config import load_config
+
+    load_config(*a.files)
+    print("config is valid")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="unet-pipeline", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("synth", help="generate an EM-like stack with exact ground truth")
+    s.add_argument("--out-raw", required=True)
+    s.add_argument("--out-labels", required=True)
+    s.add_argument("--slices", type=int, default=8)
+    s.add_argument("--shape", type=int, nargs=2, default=(256, 256))
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--cell-diameter-px", type=float, default=40.0)
+    s.set_defaults(func=cmd_synth)
+
+    s = sub.add_parser("preprocess", help="TIFF/Zarr stack -> chunked OME-Zarr with normalisation statistics")
+    s.add_argument("--raw", required=True)
+    s.add_argument("--out-raw", help="raw OME-Zarr to write (omit to write only labels)")
+    s.add_argument("--labels")
+    s.add_argument("--out-labels")
+    s.add_argument("--chunks", default="1,512,512")
+    s.add_argument("--voxel-size", default="50,4,4", help="z,y,x in nm")
+    s.add_argument("--label-format", default="binary", choices=("binary", "instances"))
+    s.set_defaults(func=cmd_preprocess)
+
+    s = sub.add_parser("weights", help="the paper's weight maps from a label OME-Zarr")
+    s.add_argument("--labels", required=True)
+    s.add_argument("--out", required=True)
+    s.add_argument("--w0", type=float, default=10.0)
+    s.add_argument("--sigma-px", type=float, default=5.0)
+    s.add_argument("--label-format", default="binary", choices=("binary", "instances"))
+    s.set_defaults(func=cmd_weights)
+
+    s = sub.add_parser("train", help="train the U-Net")
+    s.add_argument("--datasets", required=True, help="JSON list of {name, raw, labels, weights, train, validate}")
+    s.add_argument("--model", default="{}", help="JSON of the model section")
+    s.add_argument("--train", default="{}", help="JSON of the train section")
+    s.add_argument("--run-config", help="JSON of the whole config, stored in the checkpoint")
+    s.add_argument("--out", required=True)
+    s.add_argument("--resume", action="store_true", help="continue from OUT/last.pt if present")
+    s.add_argument("--threads", type=int, default=os.cpu_count())
+    s.add_argument("--cpu-processes", type=int, default=1, help="data-parallel CPU processes (gloo) without GPUs")
+    s.add_argument("--no-progress", action="store_true")
+    s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("predict", help="overlap-tile prediction of one shard into an OME-Zarr")
+    s.add_argument("--raw", required=True)
+    s.add_argument("--checkpoint", required=True)
+    s.add_argument("--out", required=True)
+    s.add_argument("--tile-size", type=int, default=388)
+    s.add_argument("--chunks", default="1,512,512")
+    s.add_argument("--dtype", default="float16", choices=("float16", "float32", "uint8"))
+    s.add_argument("--tta", default="none")
+    s.add_argument("--shard", default="0/1", help="i/N: this job's share of the chunks")
+    s.add_argument("--device", default="auto")
+    s.add_argument("--precision", default="auto")
+    s.add_argument("--batch-size", type=int, default=1)
+    s.add_argument("--workers", type=int, default=2, help="dask threads (reading overlaps computing)")
+    s.add_argument("--threads", type=int, default=os.cpu_count())
+    s.add_argument("--overwrite", action="store_true")
+    s.add_argument("--summary", help="write a JSON summary of this shard here")
+    s.add_argument("--no-progress", action="store_true")
+    s.set_defaults(func=cmd_predict)
+
+    s = sub.add_parser("gather", help="check all predict shards, build the pyramid, mark complete")
+    s.add_argument("--out", required=True)
+    s.add_argument("--pyramid-levels", type=int, default=2)
+    s.add_argument("--done-file")
+    s.set_defaults(func=cmd_gather)
+
+    s = sub.add_parser("segment", help="threshold + connected components into an OME-Zarr label image")
+    s.add_argument("--prob", required=True)
+    s.add_argument("--out", required=True)
+    s.add_argument("--threshold", type=float, default=0.5)
+    s.add_argument("--connectivity", default="2d", choices=("2d", "3d"))
+    s.add_argument("--workers", type=int, default=2)
+    s.set_defaults(func=cmd_segment)
+
+    s = sub.add_parser("evaluate", help="ISBI 2012 metrics on test slices")
+    s.add_argument("--prob", required=True)
+    s.add_argument("--labels", required=True)
+    s.add_argument("--slices", default="all")
+    s.add_argument("--out-json", required=True)
+    s.add_argument("--out-slices", required=True)
+    s.add_argument("--out-curves", required=True)
+    s.add_argument("--out-plot")
+    s.add_argument("--workers", type=int, default=2)
+    s.set_defaults(func=cmd_evaluate)
+
+    s = sub.add_parser("report", help="Markdown report with figures")
+    s.add_argument("--out", required=True)
+    s.add_argument("--log", required=True)
+    s.add_argument("--metrics", nargs="*", default=[], help="NAME=metrics.json")
+    s.add_argument("--example", help="JSON {dataset, raw, prob, seg, slice}")
+    s.set_defaults(func=cmd_report)
+
+    s = sub.add_parser("validate-config", help="check config files against the schema")
+    s.add_argument("files", nargs="+")
+    s.set_defaults(func=cmd_validate_config)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except PipelineError as exc:
+        print(f"unet-pipeline {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""The evaluate stage: ISBI 2012 metrics of a prediction on a dataset's test slices.
+
+Writes a JSON summary, a per-slice CSV (each metric on each slice alone), the
+per-threshold curves (CSV) and a plot of each score against the threshold.
+Slices are scored in parallel worker processes that each read one slice, so
+memory is bounded by a few slices; the stack scores are then aggregated from
+the per-slice counts as each metric defines it (metrics.aggregate).
+"""
+from __future__ import annotations
+
+import csv
+import io as pyio
+import json
+import os
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from unet_pipeline import io
+from unet_pipeline.errors import ConfigError, InputError
+from unet_pipeline.metrics import as_cell_probability, aggregate, slice_statistics, thresholds
+
+METRIC_NAMES = ("pixel_error", "rand_error", "warping_error", "warping_residual_at_0.5", "v_rand", "v_info")
+
+
+def _slice_stats(args):
+    prob_path, labels_path, z = args
+    p = np.asarray(io.open_ome_image(prob_path)[z])
+    gt = np.asarray(io.open_ome_image(labels_path)[z])
+    p = as_cell_probability(p if p.dtype == np.uint8 else np.clip(p.astype(np.float64), 0.0, 1.0))[0]
+    return z, slice_statistics(np.where(gt > 0, 255.0, 0.0), p)
+
+
+def _csv(rows: list[list]) -> str:
+    buf = pyio.StringIO()
+    csv.writer(buf).writerows(rows)
+    return buf.getvalue()
+
+
+def evaluate(prob_path: str | os.PathLike, labels_path: str | os.PathLike, slices: list[int],
+             out_json: str | os.PathLike, out_slices_csv: str | os.PathLike, out_curves_csv: str | os.PathLike,
+             out_plot: str | os.PathLike | None = None, workers: int = 2) -> dict:
+    """Score `slices` and write the outputs; returns the summary dict."""
+    prob = io.open_ome_image(prob_path)
+    labels = io.open_ome_image(labels_path)
+    if prob.shape != labels.shape:
+        raise InputError(f"{prob_path}: shape {prob.shape} does not match labels {labels_path} {labels.shape}.")
+    if not slices:
+        raise ConfigError(f"no test slices to evaluate for {prob_path}; set datasets.<name>.test in the config.")
+    bad = [z for z in slices if not 0 <= z < prob.shape[0]]
+    if bad:
+        raise ConfigError(f"test slices {bad} are outside {prob_path} ({prob.shape[0]} slices)")
+    jobs = [(str(prob_path), str(labels_path), z) for z in slices]
+    if workers > 1 and len(jobs) > 1:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            per_slice = list(pool.map(_slice_stats, jobs))
+    else:
+        per_slice = [_slice_stats(job) for job in jobs]
+    result = aggregate([stats for _, stats in per_slice])
+    summary = {**result.summary(), "slices": list(slices), "prediction": str(prob_path), "labels": str(labels_path)}
+    io.atomic_write_text(out_json, json.dumps(summary, indent=2))
+    rows = [["slice", *METRIC_NAMES]]
+    rows += [[z, *aggregate([stats]).summary().values()] for z, stats in per_slice]
+    io.atomic_write_text(out_slices_csv, _csv(rows))
+    names = list(result.curves)
+    rows = [["threshold", *names]]
+    for k, th in enumerate(thresholds()):
+        rows.append([th, *(result.curves[m][k][1] if k < len(result.curves[m]) else "" for m in names)])
+    io.atomic_write_text(out_curves_csv, _csv(rows))
+    if out_plot:
+        plot_curves(result.curves, out_plot)
+    return summary
+
+
+def plot_curves(curves: dict, out_plot: str | os.PathLike) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, values in curves.items():
+        th, v = zip(*values)
+        ax.plot(th, v, marker="o", label=name)
+    ax.set_xlabel("threshold on cell probability")
+    ax.set_ylabel("score")
+    ax.set_yscale("symlog", linthresh=1e-3)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = Path(out_plot).with_name(f".tmp-{Path(out_plot).name}")
+    fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+    os.replace(tmp, out_plot)

@@ -1,0 +1,48 @@
+PRED = config["predict"]
+
+
+rule predict:
+    """One shard of the overlap-tile prediction; all shards write into one OME-Zarr."""
+    input:
+        raw=f"{R}/{{dataset}}/raw.ome.zarr",
+        model=f"{R}/model/model.pt",
+    output:
+        summary=f"{R}/{{dataset}}/predict/shard-{{shard}}-of-{SHARDS}.json",
+    params:
+        out=f"{R}/{{dataset}}/probabilities.ome.zarr",
+        chunks=",".join(map(str, PRED["chunks"])),
+    log:
+        f"{R}/logs/predict/{{dataset}}-{{shard}}.log",
+    benchmark:
+        f"{R}/benchmarks/predict/{{dataset}}-{{shard}}.tsv"
+    threads: workflow.cores
+    resources:
+        mem_mb=8000,
+        runtime=120,
+        gpu=1,
+    shell:
+        "unet-pipeline predict --raw {input.raw} --checkpoint {input.model} --out {params.out}"
+        " --shard {wildcards.shard}/{SHARDS} --tile-size {PRED[tile_size]} --chunks {params.chunks}"
+        " --dtype {PRED[dtype]} --tta {PRED[tta]} --device {PRED[device]} --precision {PRED[precision]}"
+        " --batch-size {PRED[batch_size]} --threads {threads} --summary {output.summary} --no-progress > {log} 2>&1"
+
+
+rule predict_gather:
+    """All shards done: build the multiscale pyramid and mark the probability map complete."""
+    input:
+        expand(f"{R}/{{{{dataset}}}}/predict/shard-{{shard}}-of-{SHARDS}.json", shard=range(SHARDS)),
+    output:
+        done=f"{R}/{{dataset}}/probabilities.done",
+    params:
+        out=f"{R}/{{dataset}}/probabilities.ome.zarr",
+    log:
+        f"{R}/logs/predict_gather/{{dataset}}.log",
+    benchmark:
+        f"{R}/benchmarks/predict_gather/{{dataset}}.tsv"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=60,
+    shell:
+        "unet-pipeline gather --out {params.out} --pyramid-levels {PRED[pyramid_levels]}"
+        " --done-file {output.done} > {log} 2>&1"

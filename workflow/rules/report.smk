@@ -1,0 +1,28 @@
+rule report:
+    """Markdown summary: training curves, one example slice, the metrics table."""
+    input:
+        log_csv=f"{R}/model/training_log.csv",
+        metrics=expand(f"{R}/{{dataset}}/metrics/metrics.json", dataset=EVALUATED),
+        seg=f"{R}/{report_example()}/segmentation.ome.zarr",
+    output:
+        report=f"{R}/report/report.md",
+    params:
+        metrics=" ".join(f"{n}={R}/{n}/metrics/metrics.json" for n in EVALUATED),
+        example=json.dumps({
+            "dataset": report_example(),
+            "raw": f"{R}/{report_example()}/raw.ome.zarr",
+            "prob": f"{R}/{report_example()}/probabilities.ome.zarr",
+            "seg": f"{R}/{report_example()}/segmentation.ome.zarr",
+            "slice": config["report"]["slice"],
+        }),
+    log:
+        f"{R}/logs/report.log",
+    benchmark:
+        f"{R}/benchmarks/report.tsv"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    shell:
+        "unet-pipeline report --out {output.report} --log {input.log_csv} --metrics {params.metrics}"
+        " --example '{params.example}' > {log} 2>&1"

@@ -1,0 +1,26 @@
+rule train:
+    """Train the U-Net; resumes from last.pt when a run with the same config was interrupted."""
+    input:
+        raw=expand(f"{R}/{{dataset}}/raw.ome.zarr", dataset=TRAINING),
+        labels=expand(f"{R}/{{dataset}}/labels.ome.zarr", dataset=TRAINING),
+        weights=expand(f"{R}/{{dataset}}/weights.ome.zarr", dataset=TRAINING),
+    output:
+        model=f"{R}/model/model.pt",
+        log_csv=f"{R}/model/training_log.csv",
+    params:
+        datasets=training_datasets_json(),
+        model=json.dumps(config["model"]),
+        train=json.dumps(config["train"]),
+        out=f"{R}/model",
+    log:
+        f"{R}/logs/train.log",
+    benchmark:
+        f"{R}/benchmarks/train.tsv"
+    threads: workflow.cores
+    resources:
+        mem_mb=8000,
+        runtime=train_runtime_min(),
+        gpu=gpu_count(),
+    shell:
+        "unet-pipeline train --datasets '{params.datasets}' --model '{params.model}'"
+        " --train '{params.train}' --out {params.out} --resume --threads {threads} --no-progress > {log} 2>&1"
