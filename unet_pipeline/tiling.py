@@ -4,10 +4,10 @@ A `ChunkPlan` says, for one output chunk of a (slices, y, x) volume, which
 input region it reads (the chunk grown by the network's context margin, with
 mirror extrapolation where that reaches past the volume) and which tiles the
 network runs on inside it. With valid convolutions output tiles must have
-sizes the network accepts (4 + 16k for the paper's net). Every output pixel is written
-exactly once and no outputs are blended: tiles abut. Where a chunk side is not
-a sum of valid sizes, the last tile runs a few pixels past the chunk and those
-are cropped (`split_length` says when).
+sizes the network accepts (4 + 16k for the paper's net) and must start on the pooling
+grid (multiples of 16) so that the result equals one whole-image pass
+exactly (`tile_axis`). Every output pixel is written exactly once; nothing is
+blended. Tiles at a chunk's edges may run past it, and those pixels are cropped.
 """
 from __future__ import annotations
 
@@ -73,37 +73,46 @@ class ChunkGrid:
         return [idx for n, idx in enumerate(self.indices()) if n % num_shards == shard]
 
 
-def split_length(length: int, max_tile: int, cfg: UNetConfig) -> list[int]:
-    """Output tile sizes, each valid for the network, covering `length`.
+@dataclass(frozen=True)
+class AxisTiling:
+    """Tiles along one axis: output tiles of `size` starting at `starts` (volume coordinates)."""
 
-    Chooses the split with the least network input along this side (each
-    tile costs its size plus twice the context margin); among equal costs an
-    exact split (sum == `length`) wins. For the paper's net a side of 8 mod
-    16 (e.g. 520 with tiles of 260) or 0 mod 16 with four tiles splits
-    exactly; other sides compute a few pixels past the chunk, which are
-    cropped (less work than the extra context of more, smaller tiles).
+    starts: tuple[int, ...]
+    size: int
+
+    @property
+    def begin(self) -> int:
+        return self.starts[0]
+
+    @property
+    def end(self) -> int:
+        return self.starts[-1] + self.size
+
+
+def tile_axis(begin: int, end: int, max_tile: int, cfg: UNetConfig) -> AxisTiling:
+    """Output tiles covering [begin, end) whose starts are multiples of the pooling period.
+
+    A U-Net with d poolings is translation-equivariant only for shifts that
+    are multiples of 2**d: tiles that start on that grid give exactly the
+    values of one whole-image pass. Valid output sizes are period * k +
+    residue (4 + 16k for the paper's net), so neighbouring tiles overlap by
+    the residue (4 px, 1% of a 388 tile); each pixel is written once.
     """
-    if length < 1:
-        raise ValueError("length must be positive")
+    if end <= begin:
+        raise ValueError("empty axis range")
     if not cfg.is_valid_output_size(max_tile):
         lo, hi = cfg.nearest_valid_output_sizes(max_tile)
         raise ValueError(f"tile size {max_tile} is not valid for this network; nearest valid sizes: {lo} and {hi}")
-    base, step = cfg.min_output_size, cfg.size_step
-    k_max = (max_tile - base) // step
-    count = math.ceil(length / max_tile)
-    best: tuple[tuple[int, bool], list[int]] | None = None
-    for n in range(count, count + step):
-        # n tiles of size base + k_i * step add up to n*base + step*K.
-        k_total = math.ceil(max(0, length - n * base) / step)
-        if k_total > n * k_max:
-            continue
-        ks = [k_total // n + (1 if i < k_total % n else 0) for i in range(n)]
-        sizes = [base + step * k for k in ks]
-        rank = (sum(sizes) + 2 * cfg.context_margin * n, sum(sizes) != length)
-        if best is None or rank < best[0]:
-            best = (rank, sizes)
-    assert best is not None
-    return best[1]
+    period = cfg.size_step
+    residue = cfg.min_output_size % period
+    max_stride = (max_tile - residue) // period * period
+    if max_stride < period:
+        raise ValueError(f"tile size {max_tile} is too small; use at least {period + residue}")
+    first = begin // period * period
+    count = math.ceil((end - first - residue) / max_stride) if end - first > residue else 1
+    count = max(count, 1)
+    stride = math.ceil(max(end - first - residue, 1) / count / period) * period
+    return AxisTiling(tuple(first + i * stride for i in range(count)), stride + residue)
 
 
 @dataclass(frozen=True)
@@ -120,20 +129,21 @@ class ChunkPlan:
 
     chunk: Box          # output region in the volume
     read: Box           # input region in the volume (may extend past it: mirror)
-    computed: Box       # output region actually computed (>= chunk at far edges)
+    computed: Box       # output region the tiles cover (contains the chunk)
     tiles: tuple[Tile, ...]
 
     @classmethod
     def make(cls, chunk: Box, cfg: UNetConfig, max_tile: int) -> "ChunkPlan":
         margin = cfg.context_margin
-        ys = split_length(chunk.shape[1], max_tile, cfg)
-        xs = split_length(chunk.shape[2], max_tile, cfg)
-        computed = Box(chunk.start, (chunk.stop[0], chunk.start[1] + sum(ys), chunk.start[2] + sum(xs)))
+        ys = tile_axis(chunk.start[1], chunk.stop[1], max_tile, cfg)
+        xs = tile_axis(chunk.start[2], chunk.stop[2], max_tile, cfg)
+        computed = Box((chunk.start[0], ys.begin, xs.begin), (chunk.stop[0], ys.end, xs.end))
         read = computed.grow((0, margin, margin))
         tiles = []
-        for y0, ty in zip(np.cumsum([0] + ys[:-1]), ys):
-            for x0, tx in zip(np.cumsum([0] + xs[:-1]), xs):
-                out = Box((0, int(y0), int(x0)), (computed.shape[0], int(y0) + ty, int(x0) + tx))
+        for y0 in ys.starts:
+            for x0 in xs.starts:
+                out = Box((0, y0 - ys.begin, x0 - xs.begin), (computed.shape[0], y0 - ys.begin + ys.size,
+                                                              x0 - xs.begin + xs.size))
                 inp = Box(out.start, (out.stop[0], out.stop[1] + 2 * margin, out.stop[2] + 2 * margin))
                 tiles.append(Tile(inp, out))
         return cls(chunk, read, computed, tuple(tiles))
