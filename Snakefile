@@ -8,7 +8,11 @@ from snakemake.utils import min_version
 min_version("9.0")
 
 
-configfile: "config/config.yaml"
+# config/config.yaml is the default; a --configfile on the command line replaces
+# it (instead of being merged into it) so that its datasets stand alone.
+if not workflow.overwrite_configfiles:
+
+    configfile: "config/config.yaml"
 
 
 from unet_pipeline.config import validate_config

@@ -24,8 +24,8 @@ def synthetic_stack():
 @pytest.fixture
 def tiff_pair(tmp_path, synthetic_stack):
     raw, labels = synthetic_stack
-    tifffile.imwrite(tmp_path / "raw.tif", raw)
-    tifffile.imwrite(tmp_path / "labels.tif", labels)
+    tifffile.imwrite(tmp_path / "raw.tif", raw, photometric="minisblack")
+    tifffile.imwrite(tmp_path / "labels.tif", labels, photometric="minisblack")
     return tmp_path / "raw.tif", tmp_path / "labels.tif"
 
 

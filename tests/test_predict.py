@@ -30,7 +30,7 @@ def _raw_store(tmp_path, shape, seed=0):
     import tifffile
 
     data = (np.random.default_rng(seed).random(shape) * 255).astype(np.uint8)
-    tifffile.imwrite(tmp_path / "raw.tif", data)
+    tifffile.imwrite(tmp_path / "raw.tif", data, photometric="minisblack")
     preprocess(tmp_path / "raw.tif", tmp_path / "raw.ome.zarr", chunks=(1, 256, 256))
     return tmp_path / "raw.ome.zarr", data
 

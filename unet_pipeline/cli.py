@@ -32,7 +32,7 @@ def cmd_synth(a):
     for path, data in ((a.out_raw, raw), (a.out_labels, labels)):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(path).with_name(f".tmp-{Path(path).name}")
-        tifffile.imwrite(tmp, data)
+        tifffile.imwrite(tmp, data, photometric="minisblack")
         os.replace(tmp, path)
     print(f"wrote {a.out_raw} and {a.out_labels}: {raw.shape}")
 
