@@ -112,7 +112,14 @@ def _contingency(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, 
         empty = np.zeros(0, np.int64)
         return empty, empty, empty
     base = int(bj.max()) + 1
-    uniq, counts = np.unique(ai * base + bj, return_counts=True)
+    key = ai * base + bj
+    size = (int(ai.max()) + 1) * base
+    if size <= 4 * key.size + 1_000_000:  # dense table: a counting pass instead of a sort
+        counts = np.bincount(key, minlength=size)
+        uniq = np.flatnonzero(counts)
+        counts = counts[uniq]
+    else:
+        uniq, counts = np.unique(key, return_counts=True)
     return uniq // base, uniq % base, counts
 
 
@@ -163,74 +170,53 @@ def info_score(a: np.ndarray, b: np.ndarray) -> float:
 
 
 @numba.njit(cache=True)
-def _watershed_binary(cell: np.ndarray) -> np.ndarray:
-    """4-connected Vincent-Soille watershed of the image (cell ? 0 : 255).
+def _flood_membrane(lab: np.ndarray, basins: int) -> np.ndarray:
+    """Vincent-Soille flooding of the membrane level from labelled basins (in place).
 
-    Basins: 4-components of cell pixels. Membrane pixels are flooded first in,
-    first out (column-major scan, neighbours W, N, E, S; a neighbour counts
-    once its distance is <= the current one, as in the reference code); where
-    basins meet the pixel becomes 0 (a one-pixel line); membrane blobs
-    touching no basin get new labels.
+    `lab` holds basin labels (> 0) on cell pixels and -2 (MASK) on membrane.
+    Membrane pixels are flooded first in, first out (column-major scan,
+    neighbours W, N, E, S; a neighbour counts once its distance is <= the
+    current one, as in the reference code); where basins meet the pixel
+    becomes 0 (a one-pixel line); membrane blobs touching no basin get new
+    labels.
     """
-    h, w = cell.shape
-    mask_label, wshed, init = -2, 0, -1
-    lab = np.full((h, w), init, np.int64)
-    dist = np.zeros((h, w), np.int64)
-    queue = np.empty(h * w + 2, np.int64)
-    dy = np.array([0, -1, 0, 1])
-    dx = np.array([-1, 0, 1, 0])
-    current = 0
-    # Level 0: every cell pixel is a new minimum (flood its 4-component).
+    h, w = lab.shape
+    mask_label, wshed = -2, 0
+    dist = np.zeros((h, w), np.int32)
+    size = h * w + 1
+    queue = np.empty(size, np.int32)
+    dy = (0, -1, 0, 1)
+    dx = (-1, 0, 1, 0)
+    head = tail = count = 0
     for x in range(w):
         for y in range(h):
-            if cell[y, x] and lab[y, x] == init:
-                current += 1
-                head, tail = 0, 0
-                queue[tail] = y * w + x
-                tail += 1
-                lab[y, x] = current
-                while head < tail:
-                    q = queue[head]
-                    head += 1
-                    qy, qx = q // w, q % w
-                    for k in range(4):
-                        ry, rx = qy + dy[k], qx + dx[k]
-                        if 0 <= ry < h and 0 <= rx < w and cell[ry, rx] and lab[ry, rx] == init:
-                            lab[ry, rx] = current
-                            queue[tail] = ry * w + rx
-                            tail += 1
-    # Level 255: flood the membrane from the basins.
-    head, tail = 0, 0
-    fictitious = -1
-    for x in range(w):
-        for y in range(h):
-            if not cell[y, x]:
-                lab[y, x] = mask_label
+            if lab[y, x] == mask_label:
                 for k in range(4):
                     ry, rx = y + dy[k], x + dx[k]
                     if 0 <= ry < h and 0 <= rx < w and lab[ry, rx] > 0:
                         dist[y, x] = 1
                         queue[tail] = y * w + x
                         tail += 1
+                        count += 1
                         break
+    fictitious = -1
     cur_dist = 1
     queue[tail] = fictitious
     tail += 1
-    size = h * w + 2
-    count = tail
+    count += 1
     while True:
-        p = queue[head % size]
-        head += 1
+        p = queue[head]
+        head = head + 1 if head + 1 < size else 0
         count -= 1
         if p == fictitious:
             if count == 0:
                 break
-            queue[tail % size] = fictitious
-            tail += 1
+            queue[tail] = fictitious
+            tail = tail + 1 if tail + 1 < size else 0
             count += 1
             cur_dist += 1
-            p = queue[head % size]
-            head += 1
+            p = queue[head]
+            head = head + 1 if head + 1 < size else 0
             count -= 1
         py, px = p // w, p % w
         # `flag` (Soille's correction): a pixel made a line only by a line
@@ -253,18 +239,17 @@ def _watershed_binary(cell: np.ndarray) -> np.ndarray:
                     flag = True
             elif lq == mask_label and dist[qy, qx] == 0:
                 dist[qy, qx] = cur_dist + 1
-                queue[tail % size] = qy * w + qx
-                tail += 1
+                queue[tail] = qy * w + qx
+                tail = tail + 1 if tail + 1 < size else 0
                 count += 1
     # Membrane blobs that no basin reached become basins of their own.
+    current = basins
     for x in range(w):
         for y in range(h):
-            dist[y, x] = 0
             if lab[y, x] == mask_label:
                 current += 1
-                head, tail = 0, 0
-                queue[tail] = y * w + x
-                tail += 1
+                head, tail = 0, 1
+                queue[0] = y * w + x
                 lab[y, x] = current
                 while head < tail:
                     q = queue[head]
@@ -280,8 +265,14 @@ def _watershed_binary(cell: np.ndarray) -> np.ndarray:
 
 
 def watershed_labels(cell: np.ndarray) -> np.ndarray:
-    """Public wrapper of the binary watershed used for V_rand / V_info (0 = line)."""
-    return _watershed_binary(np.ascontiguousarray(cell, dtype=np.bool_))
+    """4-connected watershed of the image (cell ? 0 : 255), as used for V_rand / V_info.
+
+    Basins are the 4-components of the cell pixels (their numbering does not
+    matter: only equality of labels is used); 0 marks watershed lines.
+    """
+    basins, count = _label4(cell)
+    lab = np.where(cell, basins, -2).astype(np.int32)
+    return _flood_membrane(lab, count)
 
 
 # --------------------------------------------------------------------------- warping
@@ -327,35 +318,45 @@ def _warp(labels: np.ndarray, target: np.ndarray, key: np.ndarray, simple: np.nd
     Passes repeat until no mismatch is left or a pass changes nothing; each
     pass lists mismatches column-major, sorts them stably by descending key
     and flips, in that order, each one that is simple in the current image.
+    Flips only ever remove mismatches and keys are fixed, so each pass's
+    sorted list is the first pass's sorted list minus the pixels already
+    fixed: one scan and one sort serve all passes.
     """
     h, w = labels.shape
     warped = labels.copy()
-    previous = -1
-    while True:
-        count = 0
-        for x in range(w):
-            for y in range(h):
-                if warped[y, x] != target[y, x]:
-                    count += 1
-        if count == 0 or count == previous:
-            break
-        previous = count
-        ys = np.empty(count, np.int64)
-        xs = np.empty(count, np.int64)
-        keys = np.empty(count, np.float32)
-        n = 0
-        for x in range(w):
-            for y in range(h):
-                if warped[y, x] != target[y, x]:
-                    ys[n] = y
-                    xs[n] = x
-                    keys[n] = -key[y, x]
-                    n += 1
-        order = np.argsort(keys, kind="mergesort")
-        for idx in order:
-            y, x = ys[idx], xs[idx]
+    count = 0
+    for x in range(w):
+        for y in range(h):
+            if warped[y, x] != target[y, x]:
+                count += 1
+    ys = np.empty(count, np.int64)
+    xs = np.empty(count, np.int64)
+    keys = np.empty(count, np.float32)
+    n = 0
+    for x in range(w):
+        for y in range(h):
+            if warped[y, x] != target[y, x]:
+                ys[n] = y
+                xs[n] = x
+                keys[n] = -key[y, x]
+                n += 1
+    order = np.argsort(keys, kind="mergesort")
+    py = ys[order]
+    px = xs[order]
+    remaining = count
+    while remaining > 0:
+        kept = 0
+        for k in range(remaining):
+            y, x = py[k], px[k]
             if simple[_neighbourhood_code(warped, y, x)]:
                 warped[y, x] = 1 - warped[y, x]
+            else:  # compact in place: the next pass walks only what is left
+                py[kept] = y
+                px[kept] = x
+                kept += 1
+        if kept == remaining:
+            break
+        remaining = kept
     return warped
 
 
@@ -382,33 +383,89 @@ def _neighbour_labels(comp: np.ndarray, y: int, x: int, out: np.ndarray) -> int:
     return n
 
 
+@numba.njit(cache=True)
+def _labels_around_cut(window: np.ndarray, visited: np.ndarray, queue: np.ndarray) -> int:
+    """Distinct CC4 labels (0 included) among the centre's 8 neighbours, centre set to membrane.
+
+    Same count as relabelling the whole window, but each flood stops as soon
+    as it has reached every cell neighbour of the centre.
+    """
+    h, w = window.shape
+    cy, cx = h // 2, w // 2
+    visited[:, :] = 0
+    visited[cy, cx] = 1  # the centre is membrane now
+    has_membrane = 0
+    targets = 0
+    for oy in range(-1, 2):
+        for ox in range(-1, 2):
+            if oy == 0 and ox == 0:
+                continue
+            if window[cy + oy, cx + ox]:
+                targets += 1
+            else:
+                has_membrane = 1
+    components = 0
+    reached = 0
+    for oy in range(-1, 2):
+        for ox in range(-1, 2):
+            sy, sx = cy + oy, cx + ox
+            if (oy == 0 and ox == 0) or not window[sy, sx] or visited[sy, sx]:
+                continue
+            components += 1
+            visited[sy, sx] = 1
+            reached += 1
+            head, tail = 0, 1
+            queue[0] = sy * w + sx
+            while head < tail and reached < targets:
+                q = queue[head]
+                head += 1
+                qy, qx = q // w, q % w
+                for dy, dx in ((-1, 0), (1, 0), (0, -1), (0, 1)):
+                    ry, rx = qy + dy, qx + dx
+                    if 0 <= ry < h and 0 <= rx < w and window[ry, rx] and not visited[ry, rx]:
+                        visited[ry, rx] = 1
+                        if abs(ry - cy) <= 1 and abs(rx - cx) <= 1:
+                            reached += 1
+                        queue[tail] = ry * w + rx
+                        tail += 1
+    return components + has_membrane
+
+
+@numba.njit(cache=True)
+def _classify_kernel(warped: np.ndarray, target: np.ndarray, comp: np.ndarray) -> tuple[int, int, int]:
+    h, w = warped.shape
+    buf = np.empty(8, np.int64)
+    window = np.zeros((41, 41), np.uint8)
+    visited = np.zeros((41, 41), np.uint8)
+    queue = np.empty(41 * 41, np.int64)
+    splits = merges = residual = 0
+    for y in range(h):
+        for x in range(w):
+            if warped[y, x] == target[y, x]:
+                continue
+            residual += 1
+            n = _neighbour_labels(comp, y, x, buf)
+            is_cell = warped[y, x] == 1
+            if n >= 3:
+                if is_cell:
+                    splits += 1
+                else:
+                    merges += 1
+            elif n == 2 and is_cell:
+                # Does removing this cell pixel cut its object locally?
+                for wy in range(41):
+                    for wx in range(41):
+                        sy, sx = y - 20 + wy, x - 20 + wx
+                        window[wy, wx] = warped[sy, sx] if 0 <= sy < h and 0 <= sx < w else 0
+                if _labels_around_cut(window, visited, queue) > 2:
+                    splits += 1
+    return splits, merges, residual
+
+
 def _classify_mismatches(warped: np.ndarray, target: np.ndarray) -> tuple[int, int, int]:
     """(splits, merges, all residual mismatches) of a warped slice (unpadded)."""
     comp, _ = _label4(warped)
-    ys, xs = np.nonzero(warped != target)
-    splits = merges = 0
-    buf = np.empty(8, np.int64)
-    h, w = warped.shape
-    for y, x in zip(ys, xs):
-        n = _neighbour_labels(comp, int(y), int(x), buf)
-        is_cell = warped[y, x] == 1
-        if n >= 3:
-            if is_cell:
-                splits += 1
-            else:
-                merges += 1
-        elif n == 2 and is_cell:
-            # Does removing this cell pixel cut its object locally?
-            window = np.zeros((41, 41), np.uint8)
-            y0, x0 = y - 20, x - 20
-            sy0, sx0 = max(0, y0), max(0, x0)
-            sy1, sx1 = min(h, y0 + 41), min(w, x0 + 41)
-            window[sy0 - y0:sy1 - y0, sx0 - x0:sx1 - x0] = warped[sy0:sy1, sx0:sx1]
-            window[20, 20] = 0
-            local, _ = _label4(window)
-            if _neighbour_labels(local, 20, 20, buf) > 2:
-                splits += 1
-    return splits, merges, len(ys)
+    return _classify_kernel(warped, target, comp.astype(np.int64))
 
 
 def warp_slice(gt_cell: np.ndarray, prob: np.ndarray, th: float) -> tuple[np.ndarray, np.ndarray]:
@@ -444,12 +501,16 @@ def slice_statistics(gt: np.ndarray, prob: np.ndarray, which: tuple[str, ...] = 
     nan3 = np.full((len(ths), 3), np.nan)
     stats = SliceStatistics(gt.size, nan3.copy(), nan3.copy(), np.full(10, np.nan), np.full(10, np.nan),
                             np.nan, np.full(len(ths), np.nan), np.full(len(ths), np.nan))
+    truth_mask, truth_labels = None, None
     for k, th in enumerate(ths):
         pred = prob > th
         if "pixel" in which:
             stats.pixel_counts[k] = pixel_counts(gt > 0, pred)
         if "rand" in which or "thinned" in which:
-            a, _ = _label4(gt > th)
+            mask = gt > th
+            if truth_mask is None or not np.array_equal(mask, truth_mask):
+                truth_mask, truth_labels = mask, _label4(mask)[0]  # 0/255 truth: labelled once
+            a = truth_labels
             if "rand" in which:
                 stats.rand_counts[k] = rand_counts(a, _label4(pred)[0])
             if "thinned" in which:
@@ -523,13 +584,24 @@ def aggregate(stats: list[SliceStatistics]) -> MetricResult:
                         residual, best("v_rand", max), best("v_info", max), curves)
 
 
+def _slice_statistics_args(args) -> SliceStatistics:
+    return slice_statistics(*args)
+
+
 def evaluate_isbi(labels: np.ndarray, proposal: np.ndarray, membrane_probability: bool = False,
-                  kind: str = "probability", which: tuple[str, ...] = ALL_METRICS) -> MetricResult:
+                  kind: str = "probability", which: tuple[str, ...] = ALL_METRICS, workers: int = 1) -> MetricResult:
     """All ISBI 2012 metrics of a proposal (slices, y, x) against ground truth.
 
     `which` restricts to a subset of "pixel", "rand", "warping", "thinned"
-    (V_rand / V_info); skipped scores are NaN.
+    (V_rand / V_info); skipped scores are NaN. `workers` > 1 scores slices in
+    that many processes.
     """
     prob = as_cell_probability(proposal, membrane_probability, kind)
     gt = as_ground_truth(labels, prob.shape)
-    return aggregate([slice_statistics(gt[z], prob[z], which) for z in range(gt.shape[0])])
+    jobs = [(gt[z], prob[z], which) for z in range(gt.shape[0])]
+    if workers > 1 and len(jobs) > 1:
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(max_workers=min(workers, len(jobs))) as pool:
+            return aggregate(list(pool.map(_slice_statistics_args, jobs)))
+    return aggregate([_slice_statistics_args(job) for job in jobs])
