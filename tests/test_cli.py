@@ -30,3 +30,23 @@ def test_synth_is_deterministic(tmp_path):
     assert (tifffile.imread(tmp_path / "a.tif") == tifffile.imread(tmp_path / "b.tif")).all()
     labels = tifffile.imread(tmp_path / "a-l.tif")
     assert set(labels.ravel().tolist()) == {0, 255}
+
+
+def test_evaluate_scores_a_tiff_proposal_against_the_conformance_vector(tmp_path, conformance):
+    import json
+
+    import tifffile
+
+    gt, prop, expected = conformance
+    tifffile.imwrite(tmp_path / "gt.tif", gt.astype("uint8"), photometric="minisblack")
+    tifffile.imwrite(tmp_path / "membrane.tif", (1.0 - prop).astype("float32"), photometric="minisblack")
+    out = tmp_path / "m.json"
+    r = _run("evaluate", "--prob", str(tmp_path / "membrane.tif"), "--labels", str(tmp_path / "gt.tif"),
+             "--membrane-probability", "--out-json", str(out), "--out-slices", str(tmp_path / "s.csv"),
+             "--out-curves", str(tmp_path / "c.csv"), "--out-plot", str(tmp_path / "c.png"))
+    assert r.returncode == 0, r.stderr
+    got = json.loads(out.read_text())
+    # 1 - (1 - p) in float64 is within an ulp of p, so allow float32-level rounding at thresholds
+    assert abs(got["pixel_error"] - expected["pixel_error"]) < 1e-3
+    assert len((tmp_path / "s.csv").read_text().splitlines()) == 4
+    assert (tmp_path / "c.png").stat().st_size > 0

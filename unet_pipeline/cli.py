@@ -125,12 +125,12 @@ def cmd_segment(a):
 
 def cmd_evaluate(a):
     from unet_pipeline.config import parse_slices
-    from unet_pipeline.evaluate import evaluate
-    from unet_pipeline.io import open_ome_image
+    from unet_pipeline.evaluate import evaluate, open_stack
 
-    n = open_ome_image(a.labels).shape[0]
+    n = open_stack(a.labels).shape[0]
     slices = parse_slices(json.loads(a.slices) if a.slices.startswith("[") else a.slices, n, "--slices")
-    summary = evaluate(a.prob, a.labels, slices, a.out_json, a.out_slices, a.out_curves, a.out_plot, a.workers)
+    summary = evaluate(a.prob, a.labels, slices, a.out_json, a.out_slices, a.out_curves, a.out_plot, a.workers,
+                       a.membrane_probability, a.kind)
     print(json.dumps({k: summary[k] for k in ("pixel_error", "rand_error", "warping_error", "v_rand", "v_info")}))
 
 
@@ -226,14 +226,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_segment)
 
     s = sub.add_parser("evaluate", help="ISBI 2012 metrics on test slices")
-    s.add_argument("--prob", required=True)
-    s.add_argument("--labels", required=True)
+    s.add_argument("--prob", required=True, help="probability OME-Zarr, or any TIFF/Zarr stack")
+    s.add_argument("--labels", required=True, help="labels OME-Zarr or TIFF/Zarr stack (255 = cell)")
     s.add_argument("--slices", default="all")
     s.add_argument("--out-json", required=True)
     s.add_argument("--out-slices", required=True)
     s.add_argument("--out-curves", required=True)
     s.add_argument("--out-plot")
     s.add_argument("--workers", type=int, default=2)
+    s.add_argument("--membrane-probability", action="store_true", help="the map gives membrane probability")
+    s.add_argument("--kind", default="probability", choices=("probability", "binary", "instances"))
     s.set_defaults(func=cmd_evaluate)
 
     s = sub.add_parser("report", help="Markdown report with figures")

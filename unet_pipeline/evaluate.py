@@ -24,11 +24,28 @@ from unet_pipeline.metrics import as_cell_probability, aggregate, slice_statisti
 METRIC_NAMES = ("pixel_error", "rand_error", "warping_error", "warping_residual_at_0.5", "v_rand", "v_info")
 
 
+def open_stack(path):
+    """An OME-Zarr written by this package (checked complete), or any TIFF/Zarr stack."""
+    import zarr
+
+    from unet_pipeline.preprocess import StackSource
+
+    try:
+        if isinstance(zarr.open(str(path), mode="r"), zarr.Group):
+            return io.open_ome_image(path)
+    except Exception:
+        pass
+    source = StackSource(path)
+    return source._zarr if source._zarr is not None else np.stack(list(source.slices()))
+
+
 def _slice_stats(args):
-    prob_path, labels_path, z = args
-    p = np.asarray(io.open_ome_image(prob_path)[z])
-    gt = np.asarray(io.open_ome_image(labels_path)[z])
-    p = as_cell_probability(p if p.dtype == np.uint8 else np.clip(p.astype(np.float64), 0.0, 1.0))[0]
+    prob_path, labels_path, z, membrane, kind = args
+    p = np.asarray(open_stack(prob_path)[z])
+    gt = np.asarray(open_stack(labels_path)[z])
+    if kind == "probability" and p.dtype in (np.float16, np.float32, np.float64):
+        p = np.clip(p.astype(np.float64), 0.0, 1.0)  # float16 storage can round 1.0 up by an ulp
+    p = as_cell_probability(p, membrane, kind)[0]
     return z, slice_statistics(np.where(gt > 0, 255.0, 0.0), p)
 
 
@@ -40,10 +57,17 @@ def _csv(rows: list[list]) -> str:
 
 def evaluate(prob_path: str | os.PathLike, labels_path: str | os.PathLike, slices: list[int],
              out_json: str | os.PathLike, out_slices_csv: str | os.PathLike, out_curves_csv: str | os.PathLike,
-             out_plot: str | os.PathLike | None = None, workers: int = 2) -> dict:
-    """Score `slices` and write the outputs; returns the summary dict."""
-    prob = io.open_ome_image(prob_path)
-    labels = io.open_ome_image(labels_path)
+             out_plot: str | os.PathLike | None = None, workers: int = 2, membrane_probability: bool = False,
+             kind: str = "probability") -> dict:
+    """Score `slices` and write the outputs; returns the summary dict.
+
+    `prob_path` may be this package's probability OME-Zarr or any stack
+    (TIFF, folder of TIFFs, Zarr) of another method: float cell probability
+    in [0, 1], uint8 0-255, `membrane_probability` to flip a membrane map,
+    or `kind` "binary" / "instances" for hard segmentations.
+    """
+    prob = open_stack(prob_path)
+    labels = open_stack(labels_path)
     if prob.shape != labels.shape:
         raise InputError(f"{prob_path}: shape {prob.shape} does not match labels {labels_path} {labels.shape}.")
     if not slices:
@@ -51,7 +75,7 @@ def evaluate(prob_path: str | os.PathLike, labels_path: str | os.PathLike, slice
     bad = [z for z in slices if not 0 <= z < prob.shape[0]]
     if bad:
         raise ConfigError(f"test slices {bad} are outside {prob_path} ({prob.shape[0]} slices)")
-    jobs = [(str(prob_path), str(labels_path), z) for z in slices]
+    jobs = [(str(prob_path), str(labels_path), z, membrane_probability, kind) for z in slices]
     if workers > 1 and len(jobs) > 1:
         with ProcessPoolExecutor(max_workers=workers) as pool:
             per_slice = list(pool.map(_slice_stats, jobs))
