@@ -29,18 +29,25 @@ def tiff_pair(tmp_path, synthetic_stack):
     return tmp_path / "raw.tif", tmp_path / "labels.tif"
 
 
+def require_shared(path: Path) -> None:
+    """Shared data is always beside the checkout in CI: missing there is a failure, not a skip."""
+    if not path.exists():
+        message = f"{path} not present (set UNET_PIPELINE_SHARED to the shared/ folder)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+
+
 @pytest.fixture(scope="session")
 def isbi_labels():
     path = ISBI / "train-labels.tif"
-    if not path.exists():
-        pytest.skip(f"{path} not present")
+    require_shared(path)
     return tifffile.imread(path)
 
 
 @pytest.fixture(scope="session")
 def conformance():
-    if not CONFORMANCE.exists():
-        pytest.skip(f"{CONFORMANCE} not present")
+    require_shared(CONFORMANCE)
     import json
 
     return (np.load(CONFORMANCE / "gt.npy"), np.load(CONFORMANCE / "prop.npy"),

@@ -23,11 +23,10 @@ def test_multipage_tiff_folder_and_zarr_read_the_same(tmp_path, synthetic_stack)
 
 
 def test_isbi_tiff_pages_are_read_one_by_one():
-    from tests.conftest import ISBI
+    from tests.conftest import ISBI, require_shared
 
     path = ISBI / "train-volume.tif"
-    if not path.exists():
-        pytest.skip("no ISBI data")
+    require_shared(path)
     source = StackSource(path)
     assert source.shape == (30, 512, 512)
     assert np.array_equal(source.slice(7), tifffile.imread(path, key=7))
