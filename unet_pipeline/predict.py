@@ -38,7 +38,24 @@ from unet_pipeline.tiling import Box, ChunkGrid, ChunkPlan, read_mirrored
 # The 8 symmetries of the square as (quarter turns, flip); test-time augmentation.
 DIHEDRAL = tuple((k, f) for f in (False, True) for k in range(4))
 DONE_ARRAY = "done"
+# Fault injection for tests of retries: fail after N chunks; with the marker
+# variable set, only while the marker file does not exist yet (i.e. once).
 FAULT_ENV = "UNET_PIPELINE_FAIL_AFTER_CHUNKS"
+FAULT_MARKER_ENV = "UNET_PIPELINE_FAULT_MARKER"
+
+
+def _inject_fault(chunks_done: int) -> None:
+    fail_after = int(os.environ.get(FAULT_ENV, "0") or 0)
+    if not fail_after or chunks_done < fail_after:
+        return
+    marker = os.environ.get(FAULT_MARKER_ENV)
+    if marker:
+        try:
+            fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return
+        os.close(fd)
+    raise RuntimeError(f"injected fault after {fail_after} chunks ({FAULT_ENV})")
 
 
 def tta_transforms(tta: str | int | list) -> tuple[tuple[int, bool], ...]:
@@ -228,7 +245,6 @@ def predict_volume(
     done_flags = np.asarray(done[...])
     pending = [idx for idx in mine if not done_flags[idx]]
     stats = PredictStats(chunks_total=len(mine), chunks_skipped=len(mine) - len(pending))
-    fail_after = int(os.environ.get(FAULT_ENV, "0") or 0)
     bar = tqdm(total=len(mine), initial=stats.chunks_skipped, unit="chunk", disable=not progress,
                desc=f"predict {shard[0]}/{shard[1]}")
     lock = threading.Lock()
@@ -250,8 +266,7 @@ def predict_volume(
             elapsed = time.perf_counter() - start
             bar.update(1)
             bar.set_postfix(voxels_per_s=f"{stats.voxels / max(elapsed, 1e-9):.3g}")
-            if fail_after and stats.chunks_computed >= fail_after:
-                raise RuntimeError(f"injected fault after {fail_after} chunks ({FAULT_ENV})")
+            _inject_fault(stats.chunks_computed)
         return idx
 
     # One read task and one compute task per chunk; with two or more threads

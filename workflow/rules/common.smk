@@ -1,5 +1,7 @@
 # Input functions and values derived from the validated config.
 import json
+import math
+import os
 
 R = config["results_dir"]
 DATASETS = config["datasets"]
@@ -49,7 +51,50 @@ def gpu_count():
     return max(1, int(config["train"].get("gpus", 1)))
 
 
+CLUSTER = config["cluster"]
+GPU_JOB_CPUS = CLUSTER["gpu_job_cpus"]
+
+
+def cluster_resources(gpu: bool) -> dict:
+    """SLURM placement of a job, from the config (or environment): one place for a site to edit.
+
+    Local runs ignore these resources; the SLURM executor turns them into
+    --partition, --account and --gpus options.
+    """
+    key = "gpu_partition" if gpu else "cpu_partition"
+    res = {}
+    partition = os.environ.get(f"UNET_SLURM_{key.upper()}") or CLUSTER[key]
+    if partition:
+        res["slurm_partition"] = partition
+    account = os.environ.get("UNET_SLURM_ACCOUNT") or CLUSTER["account"]
+    if account:
+        res["slurm_account"] = account
+    if gpu and CLUSTER["gpu_model"]:
+        res["gpu_model"] = CLUSTER["gpu_model"]
+    return res
+
+
 def train_runtime_min():
-    # About 0.15 s per step for the small CPU default, far less per step on a GPU;
-    # a generous ceiling that scales with the requested steps.
-    return max(30, int(config["train"]["steps"] * 0.01) + 30)
+    """Walltime request: steps at the configured speed, plus validation and a 50% margin."""
+    steps = config["train"]["steps"]
+    return 10 + math.ceil(1.5 * steps / CLUSTER["train_steps_per_s"] / 60)
+
+
+def predict_runtime_min(wildcards, input):
+    """Walltime of one shard: its share of the volume at the configured throughput, 50% margin."""
+    import zarr
+
+    shape = zarr.open_group(str(input.raw), mode="r")["0"].shape
+    voxels = math.prod(shape) / SHARDS
+    tta = config["predict"]["tta"]
+    passes = 8 if tta == "d4" else 4 if tta == "flips" else (tta if isinstance(tta, int) else 1)
+    return 10 + math.ceil(1.5 * voxels * passes / (CLUSTER["predict_mvoxel_per_s"] * 1e6) / 60)
+
+
+def predict_mem_mb():
+    """Host memory of a predict job: a few chunks in flight plus the framework (about 400 MB measured)."""
+    chunk_voxels = math.prod(config["predict"]["chunks"])
+    margin = 2 * 92
+    region = config["predict"]["chunks"][0] * (config["predict"]["chunks"][1] + margin) * (
+        config["predict"]["chunks"][2] + margin)
+    return 2000 + math.ceil(4 * (chunk_voxels * 4 + region * 8) / 1e6)

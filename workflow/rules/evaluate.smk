@@ -19,6 +19,7 @@ rule evaluate:
     resources:
         mem_mb=4000,
         runtime=60,
+        **cluster_resources(gpu=False),
     shell:
         "unet-pipeline evaluate --prob {params.prob} --labels {input.labels} --slices '{params.slices}'"
         " --out-json {output.json} --out-slices {output.slices} --out-curves {output.curves}"

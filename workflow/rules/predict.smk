@@ -15,11 +15,12 @@ rule predict:
         f"{R}/logs/predict/{{dataset}}-{{shard}}.log",
     benchmark:
         f"{R}/benchmarks/predict/{{dataset}}-{{shard}}.tsv"
-    threads: workflow.cores
+    threads: GPU_JOB_CPUS
     resources:
-        mem_mb=8000,
-        runtime=120,
+        mem_mb=predict_mem_mb(),
+        runtime=predict_runtime_min,
         gpu=1,
+        **cluster_resources(gpu=True),
     shell:
         "unet-pipeline predict --raw {input.raw} --checkpoint {input.model} --out {params.out}"
         " --shard {wildcards.shard}/{SHARDS} --tile-size {PRED[tile_size]} --chunks {params.chunks}"
@@ -43,6 +44,7 @@ rule predict_gather:
     resources:
         mem_mb=4000,
         runtime=60,
+        **cluster_resources(gpu=False),
     shell:
         "unet-pipeline gather --out {params.out} --pyramid-levels {PRED[pyramid_levels]}"
         " --done-file {output.done} > {log} 2>&1"

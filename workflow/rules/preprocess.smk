@@ -17,6 +17,7 @@ rule preprocess:
     resources:
         mem_mb=4000,
         runtime=60,
+        **cluster_resources(gpu=False),
     shell:
         "unet-pipeline preprocess --raw {input.raw} --out-raw {output.raw}"
         " --chunks {CHUNKS} --voxel-size {VOXEL} > {log} 2>&1"
@@ -39,6 +40,7 @@ rule preprocess_labels:
     resources:
         mem_mb=4000,
         runtime=60,
+        **cluster_resources(gpu=False),
     shell:
         "unet-pipeline preprocess --raw {input.raw} --labels {input.labels} --out-labels {output.labels}"
         " --chunks {CHUNKS} --voxel-size {VOXEL} --label-format {params.label_format} > {log} 2>&1"

@@ -23,6 +23,7 @@ rule report:
     resources:
         mem_mb=2000,
         runtime=10,
+        **cluster_resources(gpu=False),
     shell:
         "unet-pipeline report --out {output.report} --log {input.log_csv} --metrics {params.metrics}"
         " --example '{params.example}' > {log} 2>&1"

@@ -16,6 +16,7 @@ rule segment:
     resources:
         mem_mb=4000,
         runtime=60,
+        **cluster_resources(gpu=False),
     shell:
         "unet-pipeline segment --prob {params.prob} --out {output.seg} --threshold {params.threshold}"
         " --connectivity {params.connectivity} --workers {threads} > {log} 2>&1"

@@ -13,6 +13,7 @@ rule synth:
     resources:
         mem_mb=2000,
         runtime=10,
+        **cluster_resources(gpu=False),
     shell:
         "unet-pipeline synth --out-raw {output.raw} --out-labels {output.labels}"
         " --slices {params.spec[slices]} --shape {params.spec[shape][0]} {params.spec[shape][1]}"

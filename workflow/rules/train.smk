@@ -16,11 +16,12 @@ rule train:
         f"{R}/logs/train.log",
     benchmark:
         f"{R}/benchmarks/train.tsv"
-    threads: workflow.cores
+    threads: GPU_JOB_CPUS
     resources:
         mem_mb=8000,
         runtime=train_runtime_min(),
         gpu=gpu_count(),
+        **cluster_resources(gpu=True),
     shell:
         "unet-pipeline train --datasets '{params.datasets}' --model '{params.model}'"
         " --train '{params.train}' --out {params.out} --resume --threads {threads} --no-progress > {log} 2>&1"

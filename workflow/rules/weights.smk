@@ -16,6 +16,7 @@ rule weights:
     resources:
         mem_mb=4000,
         runtime=60,
+        **cluster_resources(gpu=False),
     shell:
         "unet-pipeline weights --labels {input.labels} --out {output.weights} --w0 {params.w0}"
         " --sigma-px {params.sigma} --label-format {params.label_format} > {log} 2>&1"

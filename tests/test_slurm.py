@@ -1,0 +1,124 @@
+"""The workflow through profiles/slurm on a real SLURM (tests/slurm/cluster.sh).
+
+Checked from SLURM's own accounting: train and every predict shard ran in the
+gpu partition with one GPU each, the other rules in the CPU partition, predict
+ran as the configured number of shards, the outputs equal a local run's, and
+a predict shard that fails once is retried without recomputing its finished
+chunks.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+import zarr
+
+from tests.test_workflow import REPO, TINY
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+CLUSTER_SH = REPO / "tests" / "slurm" / "cluster.sh"
+STATE = Path(os.environ.get("SLURM_TEST_DIR", "/tmp/unet-slurm-pytest"))
+
+CLUSTER_CONFIG = {"cpu_partition": "cpu", "gpu_partition": "gpu", "account": "unet", "gpu_job_cpus": 2}
+
+
+@pytest.fixture(scope="module")
+def slurm():
+    if os.geteuid() != 0 or shutil.which("apt-get") is None and shutil.which("slurmctld") is None:
+        pytest.skip("the test cluster needs root and Debian's packages")
+    env = {**os.environ, "SLURM_TEST_DIR": str(STATE)}
+    try:
+        subprocess.run([str(CLUSTER_SH), "start"], check=True, env=env, timeout=600)
+        yield {"SLURM_CONF": str(STATE / "slurm.conf")}
+    finally:
+        subprocess.run([str(CLUSTER_SH), "stop"], env=env, timeout=120)
+
+
+def _run(workdir: Path, profile: str, extra_env: dict, *args):
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, **extra_env, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    return subprocess.run(
+        [str(bin_dir / "snakemake"), "-s", str(REPO / "Snakefile"), "--directory", str(workdir),
+         "--profile", str(REPO / "profiles" / profile), "--configfile", str(workdir / "config.yaml"), *args],
+        capture_output=True, text=True, env=env, timeout=1500,
+    )
+
+
+def _workdir(tmp_path: Path, name: str) -> Path:
+    workdir = tmp_path / name
+    workdir.mkdir()
+    config = {**TINY, "cluster": CLUSTER_CONFIG}
+    (workdir / "config.yaml").write_text(yaml.safe_dump(config))
+    return workdir
+
+
+def _sacct(env: dict, since_job: int = 0) -> list[dict]:
+    out = subprocess.run(
+        ["sacct", "-X", "-n", "-P", "--starttime", "now-1days", "-o", "JobID,Partition,AllocTRES,State,Comment"],
+        capture_output=True, text=True, check=True, env={**os.environ, **env},
+    ).stdout
+    rows = []
+    for line in out.strip().splitlines():
+        job, partition, tres, state, comment = line.split("|")
+        if int(job.split("_")[0]) > since_job:
+            rows.append({"job": int(job.split("_")[0]), "partition": partition, "tres": tres, "state": state,
+                         "rule": comment.removeprefix("rule_").split("_wildcards_")[0]})
+    return rows
+
+
+def _last_job(env: dict) -> int:
+    rows = _sacct(env)
+    return max((r["job"] for r in rows), default=0)
+
+
+def test_workflow_on_slurm_matches_local_run(slurm, tmp_path):
+    first = _last_job(slurm)
+    on_slurm = _workdir(tmp_path, "slurm")
+    run = _run(on_slurm, "slurm", slurm, "--slurm-init-seconds-before-status-checks", "3")
+    assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
+    jobs = [r for r in _sacct(slurm, first) if r["rule"]]
+    by_rule: dict[str, list] = {}
+    for r in jobs:
+        by_rule.setdefault(r["rule"], []).append(r)
+    for rule in ("train", "predict"):
+        for r in by_rule[rule]:
+            assert r["partition"] == "gpu" and "gres/gpu=1" in r["tres"], r
+    assert len(by_rule["predict"]) == TINY["predict"]["shards"]
+    for rule in ("synth", "preprocess", "preprocess_labels", "weights", "predict_gather", "segment", "evaluate",
+                 "report"):
+        assert rule in by_rule, rule
+        for r in by_rule[rule]:
+            assert r["partition"] == "cpu" and "gres/gpu" not in r["tres"], r
+    assert all(r["state"] == "COMPLETED" for r in jobs)
+
+    local = _workdir(tmp_path, "local")
+    run = _run(local, "local", {}, "--cores", "2")
+    assert run.returncode == 0, run.stderr[-3000:]
+    for name in ("probabilities", "segmentation"):
+        a = zarr.open_group(str(on_slurm / "results" / "test" / f"{name}.ome.zarr"), mode="r")["0"][...]
+        b = zarr.open_group(str(local / "results" / "test" / f"{name}.ome.zarr"), mode="r")["0"][...]
+        assert np.array_equal(a, b), name
+    metrics = [json.loads((w / "results" / "test" / "metrics" / "metrics.json").read_text())
+               for w in (on_slurm, local)]
+    assert metrics[0]["rand_error"] == metrics[1]["rand_error"]
+
+
+def test_failed_predict_shard_is_retried_without_recomputing(slurm, tmp_path):
+    first = _last_job(slurm)
+    workdir = _workdir(tmp_path, "retry")
+    fault = {**slurm, "UNET_PIPELINE_FAIL_AFTER_CHUNKS": "1", "UNET_PIPELINE_FAULT_MARKER": str(workdir / "fault")}
+    run = _run(workdir, "slurm", fault, "--slurm-init-seconds-before-status-checks", "3")
+    assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
+    assert (workdir / "fault").exists()
+    predict = [r for r in _sacct(slurm, first) if r["rule"] == "predict"]
+    assert [r["state"] for r in predict].count("FAILED") == 1
+    assert len(predict) == TINY["predict"]["shards"] + 1
+    summaries = [json.loads(p.read_text()) for p in (workdir / "results" / "test" / "predict").glob("*.json")]
+    retried = [s for s in summaries if s["chunks_skipped"] > 0]
+    assert len(retried) == 1 and retried[0]["chunks_skipped"] >= 1
+    assert retried[0]["chunks_skipped"] + retried[0]["chunks_computed"] == retried[0]["chunks_total"]
