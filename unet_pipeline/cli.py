@@ -85,7 +85,10 @@ def cmd_train(a):
     world = gpus if torch.cuda.is_available() else a.cpu_processes
     world = min(world, torch.cuda.device_count()) if torch.cuda.is_available() else world
     best = train_data_parallel(world, **kwargs) if world > 1 else train(**kwargs)
-    print(f"trained model: {best}")
+    from unet_pipeline.report import plot_training
+
+    plot_training(Path(a.out) / "training_log.csv", Path(a.out) / "training.png")
+    print(f"trained model: {best}; loss and validation curves: {Path(a.out) / 'training.png'}")
 
 
 def cmd_predict(a):
