@@ -134,3 +134,22 @@ def test_mismatched_checkpoint_and_existing_output_are_refused(tmp_path):
 def test_invalid_tile_size_is_rejected(tmp_path):
     with pytest.raises(ConfigError, match="nearest valid"):
         Predictor(UNet(MODEL), torch.device("cpu"), max_tile=37)
+
+
+def test_input_that_is_not_3d_is_refused(tmp_path):
+    ckpt = _checkpoint(tmp_path / "m.pt")
+    group = zarr.open_group(str(tmp_path / "flat.ome.zarr"), mode="w")
+    group.create_array("0", shape=(40, 40), dtype="u1")
+    io.mark_complete(tmp_path / "flat.ome.zarr", {"normalisation": {"low": 0, "high": 255}})
+    predictor = load_predictor(ckpt, "cpu", "fp32", tile_size=36)
+    with pytest.raises(InputError, match="expected a 3D"):
+        predict_volume(predictor, tmp_path / "flat.ome.zarr", tmp_path / "p", ckpt, progress=False)
+
+
+def test_cli_refuses_a_checkpoint_of_another_model(tmp_path):
+    raw_path, _ = _raw_store(tmp_path, (1, 40, 40))
+    ckpt = _checkpoint(tmp_path / "m.pt")
+    r = subprocess.run([sys.executable, "-m", "unet_pipeline.cli", "predict", "--raw", str(raw_path), "--checkpoint",
+                        str(ckpt), "--model", '{"base_channels": 8, "depth": 3, "dropout": 0.0}', "--out",
+                        str(tmp_path / "p"), "--tile-size", "36"], capture_output=True, text=True)
+    assert r.returncode == 2 and "base_channels=4 (config says 8)" in r.stderr

@@ -94,10 +94,13 @@ def cmd_train(a):
 def cmd_predict(a):
     import torch
 
+    from unet_pipeline.model import UNetConfig
     from unet_pipeline.predict import load_predictor, parse_shard, predict_volume, write_summary
 
     torch.set_num_threads(a.threads)
-    predictor = load_predictor(a.checkpoint, a.device, a.precision, _tta(a.tta), a.tile_size, a.batch_size)
+    expected = UNetConfig(**json.loads(a.model)) if a.model else None
+    predictor = load_predictor(a.checkpoint, a.device, a.precision, _tta(a.tta), a.tile_size, a.batch_size,
+                               expected)
     stats = predict_volume(predictor, a.raw, a.out, a.checkpoint, _ints(a.chunks), a.dtype, parse_shard(a.shard),
                            a.workers, a.overwrite, not a.no_progress, a.precision, _tta(a.tta))
     if a.summary:
@@ -198,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("predict", help="overlap-tile prediction of one shard into an OME-Zarr")
     s.add_argument("--raw", required=True)
     s.add_argument("--checkpoint", required=True)
+    s.add_argument("--model", help="JSON of the model section: refuse a checkpoint trained with another one")
     s.add_argument("--out", required=True)
     s.add_argument("--tile-size", type=int, default=388)
     s.add_argument("--chunks", default="1,512,512")

@@ -31,7 +31,7 @@ from unet_pipeline import __version__, io
 from unet_pipeline.checkpoint import file_sha256, model_from_checkpoint
 from unet_pipeline.device import autocast, resolve_device, resolve_dtype
 from unet_pipeline.errors import ConfigError, InputError
-from unet_pipeline.model import UNet
+from unet_pipeline.model import UNet, UNetConfig
 from unet_pipeline.preprocess import Normaliser
 from unet_pipeline.tiling import Box, ChunkGrid, ChunkPlan, read_mirrored
 
@@ -133,9 +133,11 @@ class Predictor:
 
 
 def load_predictor(checkpoint: str | os.PathLike, device: str = "auto", precision: str = "auto",
-                   tta="none", tile_size: int = 388, batch_size: int = 1) -> Predictor:
+                   tta="none", tile_size: int = 388, batch_size: int = 1,
+                   expected_model: UNetConfig | None = None) -> Predictor:
+    """The checkpoint's network ready to predict; refuses one that differs from `expected_model`."""
     dev = resolve_device(device)
-    model, _ = model_from_checkpoint(checkpoint, device=dev)
+    model, _ = model_from_checkpoint(checkpoint, expected=expected_model, device=dev)
     return Predictor(model, dev, resolve_dtype(precision, dev), tta_transforms(tta), tile_size, batch_size)
 
 

@@ -177,6 +177,7 @@ def preprocess(
             arr = io.create_ome_image(tmp, raw.shape, raw.dtype, chunks, voxel_size, name="raw")
             for z, plane in enumerate(raw.slices()):
                 arr[z] = plane
+            arr.attrs["normalisation"] = attrs["normalisation"]  # beside the data, for other readers
             io.build_pyramid(tmp, 2, voxel_size=voxel_size, name="raw")
             io.mark_complete(tmp, attrs)
     if labels is not None and out_labels is not None:

@@ -11,6 +11,7 @@ rule predict:
     params:
         out=f"{R}/{{dataset}}/probabilities.ome.zarr",
         chunks=",".join(map(str, PRED["chunks"])),
+        model=json.dumps(config["model"]),
     log:
         f"{R}/logs/predict/{{dataset}}-{{shard}}.log",
     benchmark:
@@ -22,7 +23,7 @@ rule predict:
         gpu=1,
         **cluster_resources(gpu=True),
     shell:
-        "unet-pipeline predict --raw {input.raw} --checkpoint {input.model} --out {params.out}"
+        "unet-pipeline predict --raw {input.raw} --checkpoint {input.model} --model '{params.model}' --out {params.out}"
         " --shard {wildcards.shard}/{SHARDS} --tile-size {PRED[tile_size]} --chunks {params.chunks}"
         " --dtype {PRED[dtype]} --tta {PRED[tta]} --device {PRED[device]} --precision {PRED[precision]}"
         " --batch-size {PRED[batch_size]} --threads {threads} --summary {output.summary} --no-progress > {log} 2>&1"
