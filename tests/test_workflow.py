@@ -56,6 +56,12 @@ def test_whole_workflow_runs_and_outputs_open_in_ome_zarr_reader(tmp_path):
     # Everything is up to date: a second run does nothing.
     again = snakemake(tmp_path, "-n")
     assert "Nothing to be done" in again.stdout + again.stderr
+    # A retrained model (other seed) replaces the old prediction instead of clashing with it.
+    before = (results / "test" / "metrics" / "metrics.json").read_text()
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({**TINY, "train": {**TINY["train"], "seed": 7}}))
+    rerun = snakemake(tmp_path)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert (results / "test" / "metrics" / "metrics.json").read_text() != before
 
 
 @pytest.mark.slow

@@ -99,10 +99,16 @@ def cmd_predict(a):
 
     torch.set_num_threads(a.threads)
     expected = UNetConfig(**json.loads(a.model)) if a.model else None
-    predictor = load_predictor(a.checkpoint, a.device, a.precision, _tta(a.tta), a.tile_size, a.batch_size,
-                               expected)
+    if a.init_only:  # no network is run: check the checkpoint on the CPU, whatever the device
+        from unet_pipeline.checkpoint import model_from_checkpoint
+
+        model_from_checkpoint(a.checkpoint, expected)
+        predictor = None
+    else:
+        predictor = load_predictor(a.checkpoint, a.device, a.precision, _tta(a.tta), a.tile_size, a.batch_size,
+                                   expected)
     stats = predict_volume(predictor, a.raw, a.out, a.checkpoint, _ints(a.chunks), a.dtype, parse_shard(a.shard),
-                           a.workers, a.overwrite, not a.no_progress, a.precision, _tta(a.tta))
+                           a.workers, a.overwrite, not a.no_progress, a.precision, _tta(a.tta), a.init_only)
     if a.summary:
         write_summary(a.summary, stats)
     print(f"predicted {stats.chunks_computed} chunks ({stats.chunks_skipped} already done) into {a.out}")
@@ -213,7 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, default=1)
     s.add_argument("--workers", type=int, default=2, help="dask threads (reading overlaps computing)")
     s.add_argument("--threads", type=int, default=os.cpu_count())
-    s.add_argument("--overwrite", action="store_true")
+    s.add_argument("--overwrite", action="store_true", help="replace an output store of a different prediction")
+    s.add_argument("--init-only", action="store_true", help="only create the output store (before the shards run)")
     s.add_argument("--summary", help="write a JSON summary of this shard here")
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=cmd_predict)

@@ -158,7 +158,7 @@ def open_output(out_path: Path, raw: zarr.Array, raw_path, chunks, out_dtype: st
     """Create the output store (race-free across shards) or reopen a matching one."""
     if out_path.exists() and overwrite and not _is_ours(out_path, signature):
         import shutil
-        shutil.rmtree(out_path)
+        shutil.rmtree(out_path, ignore_errors=True)
     if not out_path.exists():
         tmp = out_path.with_name(f".{out_path.name}.init-{uuid.uuid4().hex[:8]}")
         arr = io.create_ome_image(tmp, raw.shape, out_dtype, chunks, voxel_size, name="cell_probability")
@@ -208,7 +208,7 @@ class PredictStats:
 
 
 def predict_volume(
-    predictor: Predictor,
+    predictor: Predictor | None,
     raw_path: str | os.PathLike,
     out_path: str | os.PathLike,
     checkpoint: str | os.PathLike,
@@ -220,8 +220,14 @@ def predict_volume(
     progress: bool = True,
     precision: str = "auto",
     tta="none",
+    init_only: bool = False,
 ) -> PredictStats:
-    """Predict the chunks of one shard into `out_path` (created if needed)."""
+    """Predict the chunks of one shard into `out_path` (created if needed).
+
+    `init_only` creates (or, with `overwrite`, replaces a different) store and
+    returns: the workflow does this once before the shards start, so that a
+    retrained model replaces the old prediction without shards racing to do so.
+    """
     raw_path, out_path = Path(raw_path), Path(out_path)
     raw = io.open_ome_image(raw_path)
     if raw.ndim != 3:
@@ -237,11 +243,13 @@ def predict_volume(
     normalise = Normaliser.from_attrs(attrs, str(raw_path))
     voxel = attrs.get("voxel_size", (1.0, 1.0, 1.0))
     signature = _store_signature(raw_path, raw.shape, chunks, out_dtype, file_sha256(checkpoint), tta, precision)
+    if io.is_complete(out_path) and _is_ours(out_path, signature):
+        return PredictStats(extra={"already_complete": True})
     if io.is_complete(out_path) and not overwrite:
-        if _is_ours(out_path, signature):
-            return PredictStats(extra={"already_complete": True})
         raise InputError(f"{out_path}: a complete, different output exists; pass --overwrite to replace it.")
     out, done = open_output(out_path, raw, raw_path, chunks, out_dtype, signature, overwrite, voxel)
+    if init_only:
+        return PredictStats(extra={"initialised": str(out_path)})
     grid = ChunkGrid(tuple(raw.shape), tuple(out.chunks))
     mine = grid.shard(*shard)
     done_flags = np.asarray(done[...])

@@ -1,4 +1,34 @@
 PRED = config["predict"]
+PREDICT_ARGS = (
+    "--tile-size {PRED[tile_size]} --chunks {params.chunks} --dtype {PRED[dtype]} --tta {PRED[tta]}"
+    " --device {PRED[device]} --precision {PRED[precision]} --batch-size {PRED[batch_size]}"
+)
+
+
+rule predict_init:
+    """Create the probability store once, replacing one left by another model or config."""
+    input:
+        raw=f"{R}/{{dataset}}/raw.ome.zarr",
+        model=f"{R}/model/model.pt",
+    output:
+        init=f"{R}/{{dataset}}/predict/init.json",
+    params:
+        out=f"{R}/{{dataset}}/probabilities.ome.zarr",
+        chunks=",".join(map(str, PRED["chunks"])),
+        model=json.dumps(config["model"]),
+    log:
+        f"{R}/logs/predict_init/{{dataset}}.log",
+    benchmark:
+        f"{R}/benchmarks/predict_init/{{dataset}}.tsv"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+        **cluster_resources(gpu=False),
+    shell:
+        "unet-pipeline predict --raw {input.raw} --checkpoint {input.model} --model '{params.model}'"
+        " --out {params.out} " + PREDICT_ARGS + " --init-only --overwrite"
+        " --summary {output.init} > {log} 2>&1"
 
 
 rule predict:
@@ -6,6 +36,7 @@ rule predict:
     input:
         raw=f"{R}/{{dataset}}/raw.ome.zarr",
         model=f"{R}/model/model.pt",
+        init=f"{R}/{{dataset}}/predict/init.json",
     output:
         summary=f"{R}/{{dataset}}/predict/shard-{{shard}}-of-{SHARDS}.json",
     params:
@@ -24,9 +55,8 @@ rule predict:
         **cluster_resources(gpu=True),
     shell:
         "unet-pipeline predict --raw {input.raw} --checkpoint {input.model} --model '{params.model}' --out {params.out}"
-        " --shard {wildcards.shard}/{SHARDS} --tile-size {PRED[tile_size]} --chunks {params.chunks}"
-        " --dtype {PRED[dtype]} --tta {PRED[tta]} --device {PRED[device]} --precision {PRED[precision]}"
-        " --batch-size {PRED[batch_size]} --threads {threads} --summary {output.summary} --no-progress > {log} 2>&1"
+        " --shard {wildcards.shard}/{SHARDS} " + PREDICT_ARGS + " --threads {threads}"
+        " --summary {output.summary} --no-progress > {log} 2>&1"
 
 
 rule predict_gather:
