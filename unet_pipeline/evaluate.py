@@ -35,8 +35,7 @@ def open_stack(path):
             return io.open_ome_image(path)
     except Exception:
         pass
-    source = StackSource(path)
-    return source._zarr if source._zarr is not None else np.stack(list(source.slices()))
+    return StackSource(path)
 
 
 def _slice_stats(args):

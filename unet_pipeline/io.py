@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
-import tifffile
 import zarr
 from zarr.codecs import BloscCodec, BloscShuffle
 
@@ -24,7 +23,6 @@ from unet_pipeline import __version__
 from unet_pipeline.errors import InputError
 
 TIFF_SUFFIXES = (".tif", ".tiff")
-ZARR_SUFFIX = ".zarr"
 COMPLETE_KEY = "unet_pipeline"
 
 

@@ -84,6 +84,10 @@ class StackSource:
                 raise InputError(f"{self._files[z]}: slice shape {data.shape} differs from the first slice {self.shape[1:]}.")
         return data
 
+    def __getitem__(self, z: int) -> np.ndarray:
+        """Slice `z`, so that a source can stand in for an array indexed by slice."""
+        return self.slice(z)
+
     def slices(self) -> Iterator[np.ndarray]:
         for z in range(len(self)):
             yield self.slice(z)
