@@ -86,15 +86,8 @@ class UNetConfig:
 
     @property
     def min_output_size(self) -> int:
-        if self.padding == "same":
-            return self.size_step
-        for out in range(1, 4 * self.size_step + 1):
-            try:
-                self.input_size(out)
-                return out
-            except ValueError:
-                continue
-        raise AssertionError("no valid output size found")  # pragma: no cover
+        """Smallest valid output side; every valid side is this plus a multiple of `size_step`."""
+        return self.size_step if self.padding == "same" else self._valid_base()
 
     def input_size(self, output_size: int) -> int:
         """Input side that yields exactly `output_size`, or raise naming the nearest valid sizes."""
@@ -140,16 +133,15 @@ class UNetConfig:
         )
 
     def nearest_valid_output_sizes_unchecked(self, output_size: int) -> tuple[int, int]:
-        # Valid sizes are min + k * step; computed arithmetically so that the
-        # error path never recurses into input_size().
-        base = self.size_step if self.padding == "same" else self._valid_base()
+        base = self.min_output_size
         k = max(0, math.floor((output_size - base) / self.size_step))
         lo = base + k * self.size_step
         hi = lo + self.size_step if lo < output_size else lo
         return lo, hi
 
     def _valid_base(self) -> int:
-        # For valid convs the smallest output is the residue of the progression.
+        # Arithmetic, so that the error path never recurses into input_size():
+        # the smallest output whose sizes stay even at every pooling.
         loss = self._conv_loss
         step = self.size_step
         for out in range(1, step + 1):
