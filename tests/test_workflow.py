@@ -1,6 +1,5 @@
 """The whole Snakemake workflow on a tiny synthetic config, as a user runs it."""
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path

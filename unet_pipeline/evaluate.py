@@ -13,7 +13,6 @@ import io as pyio
 import json
 import os
 from concurrent.futures import ProcessPoolExecutor
-from pathlib import Path
 
 import numpy as np
 
@@ -99,6 +98,8 @@ def evaluate(prob_path: str | os.PathLike, labels_path: str | os.PathLike, slice
 def plot_curves(curves: dict, out_plot: str | os.PathLike) -> None:
     import matplotlib
 
+    from unet_pipeline.report import save_figure
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -112,7 +113,4 @@ def plot_curves(curves: dict, out_plot: str | os.PathLike) -> None:
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = Path(out_plot).with_name(f".tmp-{Path(out_plot).name}")
-    fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
-    os.replace(tmp, out_plot)
+    save_figure(fig, out_plot, dpi=100)

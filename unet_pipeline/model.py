@@ -14,7 +14,6 @@ from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
-import torch.nn.functional as F
 
 from unet_pipeline.errors import ConfigError
 
@@ -116,23 +115,15 @@ class UNetConfig:
         except ValueError:
             return False
 
-    def nearest_valid_output_sizes(self, output_size: int) -> tuple[int, int]:
-        lo = output_size
-        while lo > 0 and not self.is_valid_output_size(lo):
-            lo -= 1
-        hi = output_size
-        while not self.is_valid_output_size(hi):
-            hi += 1
-        return (lo if lo > 0 else hi), hi
-
     def _invalid(self, output_size: int) -> ValueError:
-        lo, hi = self.nearest_valid_output_sizes_unchecked(output_size)
+        lo, hi = self.nearest_valid_output_sizes(output_size)
         return ValueError(
             f"output tile {output_size} px is not valid for a depth-{self.depth} U-Net with "
             f"{self.padding} convolutions; nearest valid output sizes: {lo} and {hi}"
         )
 
-    def nearest_valid_output_sizes_unchecked(self, output_size: int) -> tuple[int, int]:
+    def nearest_valid_output_sizes(self, output_size: int) -> tuple[int, int]:
+        """The valid output sides just below and above `output_size` (both equal if it is valid)."""
         base = self.min_output_size
         k = max(0, math.floor((output_size - base) / self.size_step))
         lo = base + k * self.size_step

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import threading
 import time
 import uuid
@@ -153,11 +154,10 @@ def _store_signature(raw_path, shape, chunks, out_dtype, checkpoint_hash, tta, p
             "dtype": out_dtype, "checkpoint_sha256": checkpoint_hash, "tta": str(tta), "precision": precision}
 
 
-def open_output(out_path: Path, raw: zarr.Array, raw_path, chunks, out_dtype: str, signature: dict,
+def open_output(out_path: Path, raw: zarr.Array, chunks, out_dtype: str, signature: dict,
                 overwrite: bool, voxel_size) -> tuple[zarr.Array, zarr.Array]:
     """Create the output store (race-free across shards) or reopen a matching one."""
     if out_path.exists() and overwrite and not _is_ours(out_path, signature):
-        import shutil
         shutil.rmtree(out_path, ignore_errors=True)
     if not out_path.exists():
         tmp = out_path.with_name(f".{out_path.name}.init-{uuid.uuid4().hex[:8]}")
@@ -169,7 +169,6 @@ def open_output(out_path: Path, raw: zarr.Array, raw_path, chunks, out_dtype: st
         try:
             os.rename(tmp, out_path)  # atomic; fails if another shard won the race
         except OSError:
-            import shutil
             shutil.rmtree(tmp, ignore_errors=True)
     group = zarr.open_group(str(out_path), mode="r+")
     existing = dict(group.attrs.get("predict", {}))
@@ -247,7 +246,7 @@ def predict_volume(
         return PredictStats(extra={"already_complete": True})
     if io.is_complete(out_path) and not overwrite:
         raise InputError(f"{out_path}: a complete, different output exists; pass --overwrite to replace it.")
-    out, done = open_output(out_path, raw, raw_path, chunks, out_dtype, signature, overwrite, voxel)
+    out, done = open_output(out_path, raw, chunks, out_dtype, signature, overwrite, voxel)
     if init_only:
         return PredictStats(extra={"initialised": str(out_path)})
     grid = ChunkGrid(tuple(raw.shape), tuple(out.chunks))

@@ -11,11 +11,13 @@ import numpy as np
 from unet_pipeline import io
 
 
-def _savefig(fig, path: Path) -> None:
+def save_figure(fig, path: str | os.PathLike, dpi: int = 90) -> None:
+    """Write a figure as PNG atomically (temporary file + rename) and close it."""
     import matplotlib.pyplot as plt
 
+    path = Path(path)
     tmp = path.with_name(f".tmp-{path.name}")
-    fig.savefig(tmp, dpi=90, format="png")
+    fig.savefig(tmp, dpi=dpi, format="png")
     plt.close(fig)
     os.replace(tmp, path)
 
@@ -48,7 +50,7 @@ def plot_training(log_csv: Path, out_png: Path) -> None:
         ax[1].set_title("validation")
         ax[1].legend()
     fig.tight_layout()
-    _savefig(fig, out_png)
+    save_figure(fig, out_png)
 
 
 def plot_example(raw_path, prob_path, seg_path, z: int, out_png: Path) -> None:
@@ -71,7 +73,7 @@ def plot_example(raw_path, prob_path, seg_path, z: int, out_png: Path) -> None:
         a.set_title(f"{title} (slice {z})")
         a.axis("off")
     fig.tight_layout()
-    _savefig(fig, out_png)
+    save_figure(fig, out_png)
 
 
 def write_report(out_md: str | os.PathLike, log_csv, metrics_json: dict[str, str], example: dict | None) -> None:
