@@ -76,12 +76,18 @@ def _last_job(env: dict) -> int:
     return max((r["job"] for r in rows), default=0)
 
 
-def test_workflow_on_slurm_matches_local_run(slurm, tmp_path):
+@pytest.fixture(scope="module")
+def slurm_run(slurm, tmp_path_factory):
+    """One whole workflow through SLURM, shared by the tests: (workdir, its SLURM jobs, the run)."""
     first = _last_job(slurm)
-    on_slurm = _workdir(tmp_path, "slurm")
-    run = _run(on_slurm, "slurm", slurm, "--slurm-init-seconds-before-status-checks", "3")
+    workdir = _workdir(tmp_path_factory.mktemp("slurm"), "slurm")
+    run = _run(workdir, "slurm", slurm, "--slurm-init-seconds-before-status-checks", "3")
+    return workdir, [r for r in _sacct(slurm, first) if r["rule"]], run
+
+
+def test_workflow_on_slurm_matches_local_run(slurm_run, tmp_path):
+    on_slurm, jobs, run = slurm_run
     assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
-    jobs = [r for r in _sacct(slurm, first) if r["rule"]]
     by_rule: dict[str, list] = {}
     for r in jobs:
         by_rule.setdefault(r["rule"], []).append(r)
@@ -108,17 +114,31 @@ def test_workflow_on_slurm_matches_local_run(slurm, tmp_path):
     assert metrics[0]["rand_error"] == metrics[1]["rand_error"]
 
 
-def test_failed_predict_shard_is_retried_without_recomputing(slurm, tmp_path):
+def test_failed_predict_shard_is_retried_without_recomputing(slurm, slurm_run, tmp_path):
+    # Start from the finished run's trained model (copied with its Snakemake metadata and
+    # timestamps) with the prediction removed: only predict_init, the shards and gather rerun.
+    done_run, _, run = slurm_run
+    assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
+    workdir = tmp_path / "retry"
+    shutil.copytree(done_run, workdir, symlinks=True)
+    for name in ("predict", "probabilities.ome.zarr", "probabilities.done"):
+        path = workdir / "results" / "test" / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
     first = _last_job(slurm)
-    workdir = _workdir(tmp_path, "retry")
     fault = {**slurm, "UNET_PIPELINE_FAIL_AFTER_CHUNKS": "1", "UNET_PIPELINE_FAULT_MARKER": str(workdir / "fault")}
-    run = _run(workdir, "slurm", fault, "--slurm-init-seconds-before-status-checks", "3")
+    run = _run(workdir, "slurm", fault, "--slurm-init-seconds-before-status-checks", "3",
+               "results/test/probabilities.done")
     assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
     assert (workdir / "fault").exists()
-    predict = [r for r in _sacct(slurm, first) if r["rule"] == "predict"]
+    jobs = [r for r in _sacct(slurm, first) if r["rule"]]
+    assert {r["rule"] for r in jobs} == {"predict_init", "predict", "predict_gather"}, jobs
+    predict = [r for r in jobs if r["rule"] == "predict"]
     assert [r["state"] for r in predict].count("FAILED") == 1
     assert len(predict) == TINY["predict"]["shards"] + 1
     summaries = [json.loads(p.read_text()) for p in (workdir / "results" / "test" / "predict").glob("*.json")]
     retried = [s for s in summaries if s["chunks_skipped"] > 0]
     assert len(retried) == 1 and retried[0]["chunks_skipped"] >= 1
     assert retried[0]["chunks_skipped"] + retried[0]["chunks_computed"] == retried[0]["chunks_total"]
+    again = zarr.open_group(str(workdir / "results" / "test" / "probabilities.ome.zarr"), mode="r")["0"][...]
+    before = zarr.open_group(str(done_run / "results" / "test" / "probabilities.ome.zarr"), mode="r")["0"][...]
+    assert np.array_equal(again, before)
