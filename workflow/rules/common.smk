@@ -80,21 +80,34 @@ def train_runtime_min():
     return 10 + math.ceil(1.5 * steps / CLUSTER["train_steps_per_s"] / 60)
 
 
+DRY_RUN_RUNTIME_MIN = 60  # the profiles' default runtime
+
+
 def predict_runtime_min(wildcards, input):
     """Walltime of one shard: its share of the volume at the configured throughput, 50% margin."""
     import zarr
 
+    from unet_pipeline.predict import tta_transforms
+
+    if not os.path.exists(input.raw):
+        # Snakemake evaluates resources when a job is ready to run, after its input
+        # exists; only a dry run (-n) asks earlier, and it just prints the number.
+        return DRY_RUN_RUNTIME_MIN
     shape = zarr.open_group(str(input.raw), mode="r")["0"].shape
     voxels = math.prod(shape) / SHARDS
-    tta = config["predict"]["tta"]
-    passes = 8 if tta == "d4" else 4 if tta == "flips" else (tta if isinstance(tta, int) else 1)
+    passes = len(tta_transforms(config["predict"]["tta"]))
     return 10 + math.ceil(1.5 * voxels * passes / (CLUSTER["predict_mvoxel_per_s"] * 1e6) / 60)
 
 
-def predict_mem_mb():
-    """Host memory of a predict job: a few chunks in flight plus the framework (about 400 MB measured)."""
-    chunk_voxels = math.prod(config["predict"]["chunks"])
-    margin = 2 * 92
-    region = config["predict"]["chunks"][0] * (config["predict"]["chunks"][1] + margin) * (
-        config["predict"]["chunks"][2] + margin)
-    return 2000 + math.ceil(4 * (chunk_voxels * 4 + region * 8) / 1e6)
+def predict_mem_mb(wildcards):
+    """Host memory of a predict job: a few chunks in flight plus the framework (about 400 MB measured).
+
+    A callable resource: evaluated when a job is scheduled, so importing the
+    model (and torch) does not slow down every start of Snakemake.
+    """
+    from unet_pipeline.model import UNetConfig
+
+    margin = 2 * UNetConfig(**config["model"]).context_margin
+    z, y, x = config["predict"]["chunks"]
+    region = z * (y + margin) * (x + margin)
+    return 2000 + math.ceil(4 * (z * y * x * 4 + region * 8) / 1e6)

@@ -49,7 +49,7 @@ rule predict:
         f"{R}/benchmarks/predict/{{dataset}}-{{shard}}.tsv"
     threads: GPU_JOB_CPUS
     resources:
-        mem_mb=predict_mem_mb(),
+        mem_mb=predict_mem_mb,
         runtime=predict_runtime_min,
         gpu=1,
         **cluster_resources(gpu=True),
