@@ -14,7 +14,7 @@ from unet_pipeline import io
 from unet_pipeline.checkpoint import save_checkpoint
 from unet_pipeline.errors import ConfigError, InputError
 from unet_pipeline.model import UNet, UNetConfig
-from unet_pipeline.predict import DONE_ARRAY, Predictor, gather, load_predictor, predict_volume
+from unet_pipeline.predict import CompletionLog, Predictor, gather, load_predictor, predict_volume
 from unet_pipeline.preprocess import preprocess
 
 MODEL = UNetConfig(base_channels=4, depth=3, dropout=0.0)
@@ -82,7 +82,7 @@ def test_shards_fill_one_store_and_gather_checks_completion(tmp_path):
         gather(out)
     assert not io.is_complete(out)
     stats = predict_volume(predictor, raw_path, out, ckpt, shard=(1, 2), **kw)
-    assert stats.chunks_computed == stats.chunks_total
+    assert stats.blocks_computed == stats.blocks_total
     gather(out)
     assert io.is_complete(out) and "1" in zarr.open_group(str(out), mode="r")
 
@@ -92,26 +92,26 @@ def test_killed_run_resumes_only_unfinished_chunks(tmp_path):
     ckpt = _checkpoint(tmp_path / "m.pt", UNetConfig(base_channels=16, depth=3, dropout=0.0))
     args = [sys.executable, "-m", "unet_pipeline.cli", "predict", "--raw", str(raw_path), "--checkpoint", str(ckpt),
             "--tile-size", "36", "--chunks", "1,50,50", "--dtype", "float32", "--precision", "fp32",
-            "--device", "cpu", "--workers", "1", "--threads", "1", "--no-progress"]
+            "--device", "cpu", "--workers", "1", "--threads", "1", "--no-progress", "--chunks-per-file", "1,1,1"]
     reference = tmp_path / "ref.ome.zarr"
     subprocess.run(args + ["--out", str(reference)], check=True)
     out = tmp_path / "p.ome.zarr"
     proc = subprocess.Popen(args + ["--out", str(out)])
     deadline = time.time() + 120
     while time.time() < deadline:
-        if (out / DONE_ARRAY).exists() and np.count_nonzero(zarr.open_group(str(out))[DONE_ARRAY][...]) >= 5:
+        if out.exists() and len(CompletionLog.finished(out)) >= 5:
             break
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    done_before = np.count_nonzero(zarr.open_group(str(out))[DONE_ARRAY][...])
+    done_before = len(CompletionLog.finished(out))
     assert 5 <= done_before < 36
     summary = tmp_path / "summary.json"
     subprocess.run(args + ["--out", str(out), "--summary", str(summary)], check=True)
     import json
 
     stats = json.loads(summary.read_text())
-    assert stats["chunks_skipped"] == done_before and stats["chunks_computed"] == 36 - done_before
+    assert stats["blocks_skipped"] == done_before and stats["blocks_computed"] == 36 - done_before
     assert np.array_equal(zarr.open_group(str(out))["0"][...], zarr.open_group(str(reference))["0"][...])
 
 

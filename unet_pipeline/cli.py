@@ -15,6 +15,15 @@ from pathlib import Path
 from unet_pipeline.errors import PipelineError
 
 
+CHUNKS_PER_FILE_HELP = "chunks per Zarr v3 shard (one file; for predict also one unit of work), default 1,8,8; 1,1,1 = no sharding"
+
+
+def _chunks_per_file(text: str | None) -> tuple[int, ...]:
+    from unet_pipeline.io import CHUNKS_PER_FILE
+
+    return _ints(text) if text else CHUNKS_PER_FILE
+
+
 def _ints(text: str) -> tuple[int, ...]:
     return tuple(int(v) for v in text.replace("x", ",").split(","))
 
@@ -44,7 +53,8 @@ def cmd_preprocess(a):
         raise PipelineError("--labels and --out-labels go together")
     if a.out_raw is None and a.out_labels is None:
         raise PipelineError("nothing to write: give --out-raw and/or --labels with --out-labels")
-    preprocess(a.raw, a.out_raw, a.labels, a.out_labels, _ints(a.chunks), _floats(a.voxel_size), a.label_format)
+    preprocess(a.raw, a.out_raw, a.labels, a.out_labels, _ints(a.chunks), _floats(a.voxel_size), a.label_format,
+               _chunks_per_file(a.chunks_per_file))
     print(f"wrote {', '.join(p for p in (a.out_raw, a.out_labels) if p)}")
 
 
@@ -105,13 +115,22 @@ def cmd_predict(a):
         model_from_checkpoint(a.checkpoint, expected)
         predictor = None
     else:
-        predictor = load_predictor(a.checkpoint, a.device, a.precision, _tta(a.tta), a.tile_size, a.batch_size,
-                                   expected)
+        predictor = load_predictor(a.checkpoint, a.device, a.precision, _tta(a.tta), a.tile_size,
+                                   _batch_size(a.batch_size), expected, compile=a.compile)
     stats = predict_volume(predictor, a.raw, a.out, a.checkpoint, _ints(a.chunks), a.dtype, parse_shard(a.shard),
-                           a.workers, a.overwrite, not a.no_progress, a.precision, _tta(a.tta), a.init_only)
+                           a.workers, a.overwrite, not a.no_progress, a.precision, _tta(a.tta), a.init_only,
+                           _chunks_per_file(a.chunks_per_file))
     if a.summary:
         write_summary(a.summary, stats)
-    print(f"predicted {stats.chunks_computed} chunks ({stats.chunks_skipped} already done) into {a.out}")
+    print(f"predicted {stats.blocks_computed} blocks ({stats.blocks_skipped} already done) into {a.out}")
+
+
+def _batch_size(value: str) -> int | None:
+    if value == "auto":
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise PipelineError(f"--batch-size must be a positive integer or 'auto', got {value!r}")
+    return int(value)
 
 
 def _tta(value: str):
@@ -180,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--labels")
     s.add_argument("--out-labels")
     s.add_argument("--chunks", default="1,512,512")
+    s.add_argument("--chunks-per-file", help=CHUNKS_PER_FILE_HELP)
     s.add_argument("--voxel-size", default="50,4,4", help="z,y,x in nm")
     s.add_argument("--label-format", default="binary", choices=("binary", "instances"))
     s.set_defaults(func=cmd_preprocess)
@@ -216,8 +236,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--shard", default="0/1", help="i/N: this job's share of the chunks")
     s.add_argument("--device", default="auto")
     s.add_argument("--precision", default="auto")
-    s.add_argument("--batch-size", type=int, default=1)
-    s.add_argument("--workers", type=int, default=2, help="dask threads (reading overlaps computing)")
+    s.add_argument("--batch-size", default="auto",
+                   help="network inputs per forward pass (tiles x TTA transforms), or auto: chosen for the device")
+    s.add_argument("--chunks-per-file", help=CHUNKS_PER_FILE_HELP)
+    s.add_argument("--compile", action="store_true", help="torch.compile the network (falls back with a warning)")
+    s.add_argument("--workers", type=int, default=2, help="writer threads (compression runs there)")
     s.add_argument("--threads", type=int, default=os.cpu_count())
     s.add_argument("--overwrite", action="store_true", help="replace an output store of a different prediction")
     s.add_argument("--init-only", action="store_true", help="only create the output store (before the shards run)")

@@ -1,53 +1,71 @@
 """Overlap-tile inference over volumes far larger than memory (paper, Fig. 2).
 
-The output chunk grid drives everything: each chunk reads its input region
-(chunk + context margin, mirrored past the volume border), runs the network
-on abutting tiles inside it and writes exactly its own output chunk, so no
-locks or blending are needed and memory is bounded by one chunk per worker.
-Chunks are tasks of a dask graph (reading the next chunk overlaps with
-computing the current one). Completion is recorded per chunk in a small
-`done` Zarr array, written only after the chunk's data is on disk: a killed
-run restarts with only unfinished chunks, and `--shard i/N` splits the chunks
-among N jobs writing into the same store. `gather` checks every chunk, then
-builds the pyramid and marks the store complete.
+The data path is a bounded pipeline of three stages, so that the network,
+not the bookkeeping around it, sets the speed:
+
+1. a reader thread walks the job's *strips* (a row of output blocks across the
+   whole slice width) in order and reads each strip's input region, mirrored
+   past the volume border; rows shared with the next strip are kept, so every
+   input chunk is decoded once per job (`StripReader`);
+2. the calling thread is the device feeder: it uploads each strip's raw bytes
+   (pinned memory, non-blocking copies on CUDA), cuts tiles from it,
+   batches them across blocks and strips, normalises them, runs the network
+   with test-time augmentation batched (`inference.Predictor`) and scatters the
+   probabilities into per-block buffers, all on the device without a host
+   synchronisation per tile; a finished block is encoded to the output dtype
+   on the device and copied back asynchronously;
+3. writer threads compress and write each block, which is exactly one Zarr v3
+   shard (one file), then record it as finished.
+
+Memory is bounded by a few strips of raw input and a few output blocks,
+whatever the volume size. Tiles start on the pooling grid, so the result
+equals one whole-slice pass exactly (to 1e-5 in fp32); each output voxel is
+written once. Completion is recorded per block in append-only logs, one file
+per job (`CompletionLog`), after the block's file is fsync'ed: a killed run
+restarts with only unfinished blocks, and `--shard i/N` gives N jobs
+disjoint, contiguous runs of strips that write into one store. The store has
+no OME metadata until `gather` has checked every block, built the pyramid
+and marked it complete, so outside readers never show a half-written map.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
+import queue
 import shutil
 import threading
 import time
 import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import dask
 import numpy as np
 import torch
 import zarr
 from tqdm import tqdm
 
 from unet_pipeline import __version__, io
-from unet_pipeline.checkpoint import file_sha256, model_from_checkpoint
-from unet_pipeline.device import autocast, resolve_device, resolve_dtype
+from unet_pipeline.checkpoint import file_sha256
 from unet_pipeline.errors import ConfigError, InputError
-from unet_pipeline.model import UNet, UNetConfig
+from unet_pipeline.inference import Predictor, load_predictor, tta_transforms  # noqa: F401 - re-exported
 from unet_pipeline.preprocess import Normaliser
-from unet_pipeline.tiling import Box, ChunkGrid, ChunkPlan, read_mirrored
+from unet_pipeline.tiling import Box, ChunkGrid, ChunkPlan, mirror_indices
 
-# The 8 symmetries of the square as (quarter turns, flip); test-time augmentation.
-DIHEDRAL = tuple((k, f) for f in (False, True) for k in range(4))
-DONE_ARRAY = "done"
-# Fault injection for tests of retries: fail after N chunks; with the marker
+PROGRESS_DIR = "unet_progress"
+OUT_DTYPES = ("float16", "float32", "uint8")
+# Fault injection for tests of retries: fail after N blocks; with the marker
 # variable set, only while the marker file does not exist yet (i.e. once).
-FAULT_ENV = "UNET_PIPELINE_FAIL_AFTER_CHUNKS"
+FAULT_ENV = "UNET_PIPELINE_FAIL_AFTER_BLOCKS"
 FAULT_MARKER_ENV = "UNET_PIPELINE_FAULT_MARKER"
+# Strips read ahead of the feeder: enough to hide a read behind the network.
+READ_AHEAD = 2
 
 
-def _inject_fault(chunks_done: int) -> None:
+def _inject_fault(blocks_done: int) -> None:
     fail_after = int(os.environ.get(FAULT_ENV, "0") or 0)
-    if not fail_after or chunks_done < fail_after:
+    if not fail_after or blocks_done < fail_after:
         return
     marker = os.environ.get(FAULT_MARKER_ENV)
     if marker:
@@ -56,116 +74,62 @@ def _inject_fault(chunks_done: int) -> None:
         except FileExistsError:
             return
         os.close(fd)
-    raise RuntimeError(f"injected fault after {fail_after} chunks ({FAULT_ENV})")
+    raise RuntimeError(f"injected fault after {fail_after} blocks ({FAULT_ENV})")
 
 
-def tta_transforms(tta: str | int | list) -> tuple[tuple[int, bool], ...]:
-    """'none' -> identity; 'flips' -> 4 flips; 'd4' or 8 -> all 8; an int n -> first n of the 8."""
-    if tta in ("none", None, 0, 1):
-        return DIHEDRAL[:1]
-    if tta in ("d4", 8):
-        return DIHEDRAL
-    if tta == "flips":
-        return ((0, False), (2, False), (0, True), (2, True))
-    if isinstance(tta, int) and 1 <= tta <= 8:
-        return DIHEDRAL[:tta]
-    raise ConfigError(f"predict.tta must be 'none', 'flips', 'd4' or 1-8, got {tta!r}")
+# --------------------------------------------------------------------------- completion records
+class CompletionLog:
+    """Finished blocks of a prediction store: append-only text files, one per job.
 
+    One line `z y x` per block, written and fsync'ed after the block's own
+    file is durable. A line cut short by a kill has no newline and is
+    ignored. Jobs never share a file, so no locking across processes is
+    needed, and a store holds as many record files as jobs ran on it.
+    """
 
-@dataclass
-class Predictor:
-    """A trained network plus how to run it (device, precision, test-time augmentation)."""
+    def __init__(self, store: str | os.PathLike, job: str):
+        self.dir = Path(store) / PROGRESS_DIR
+        self.dir.mkdir(exist_ok=True)
+        self._file = open(self.dir / f"{job}.log", "a")
+        self._lock = threading.Lock()
 
-    model: UNet
-    device: torch.device
-    dtype: torch.dtype | None = None
-    transforms: tuple[tuple[int, bool], ...] = DIHEDRAL[:1]
-    max_tile: int = 388
-    batch_size: int = 1
+    def record(self, index: tuple[int, ...]) -> None:
+        with self._lock:
+            self._file.write(" ".join(map(str, index)) + "\n")
+            self._file.flush()
+            os.fsync(self._file.fileno())
 
-    def __post_init__(self):
-        self.model = self.model.to(self.device).eval()
-        cfg = self.model.cfg
-        if not cfg.is_valid_output_size(self.max_tile):
-            lo, hi = cfg.nearest_valid_output_sizes(self.max_tile)
-            raise ConfigError(f"predict.tile_size {self.max_tile} is not a valid output tile; nearest valid: {lo} and {hi}")
+    def close(self) -> None:
+        self._file.close()
 
-    @torch.inference_mode()
-    def _forward(self, batch: np.ndarray) -> np.ndarray:
-        """Cell probability for a batch of (n, h, w) normalised input tiles."""
-        x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(self.device)[:, None]
-        total = None
-        for k, flip in self.transforms:
-            xt = torch.rot90(x, k, dims=(-2, -1))
-            if flip:
-                xt = torch.flip(xt, dims=(-1,))
-            with autocast(self.device, self.dtype):
-                logits = self.model(xt)
-            prob = torch.softmax(logits.float(), dim=1)[:, 1]
-            if flip:
-                prob = torch.flip(prob, dims=(-1,))
-            prob = torch.rot90(prob, -k, dims=(-2, -1))
-            total = prob if total is None else total + prob
-        return (total / len(self.transforms)).cpu().numpy()
-
-    def predict_block(self, block: np.ndarray, plan: ChunkPlan) -> np.ndarray:
-        """Run every tile of `plan` on the normalised read region `block`; returns the chunk."""
-        out = np.empty(plan.computed.shape, np.float32)
-        jobs = [(z, tile) for z in range(block.shape[0]) for tile in plan.tiles]
-        # Tiles of equal shape go through the network together.
-        by_shape: dict[tuple, list] = {}
-        for z, tile in jobs:
-            by_shape.setdefault(tile.input.shape[1:], []).append((z, tile))
-        for items in by_shape.values():
-            for i in range(0, len(items), self.batch_size):
-                group = items[i:i + self.batch_size]
-                batch = np.stack([block[z][tile.input.slices[1:]] for z, tile in group])
-                probs = self._forward(batch)
-                for (z, tile), prob in zip(group, probs):
-                    out[(z, *tile.output.slices[1:])] = prob
-        crop = plan.chunk.relative_to(plan.computed.start)
-        return out[crop.slices]
-
-    def predict_image(self, image: np.ndarray) -> np.ndarray:
-        """Whole-array prediction of normalised (slices, y, x) data held in memory."""
-        image = image[None] if image.ndim == 2 else image
-        plan = ChunkPlan.make(Box((0, 0, 0), image.shape), self.model.cfg, self.max_tile)
-        return self.predict_block(read_mirrored(image, plan.read), plan)
-
-
-def load_predictor(checkpoint: str | os.PathLike, device: str = "auto", precision: str = "auto",
-                   tta="none", tile_size: int = 388, batch_size: int = 1,
-                   expected_model: UNetConfig | None = None) -> Predictor:
-    """The checkpoint's network ready to predict; refuses one that differs from `expected_model`."""
-    dev = resolve_device(device)
-    model, _ = model_from_checkpoint(checkpoint, expected=expected_model, device=dev)
-    return Predictor(model, dev, resolve_dtype(precision, dev), tta_transforms(tta), tile_size, batch_size)
+    @staticmethod
+    def finished(store: str | os.PathLike) -> set[tuple[int, ...]]:
+        done = set()
+        for path in (Path(store) / PROGRESS_DIR).glob("*.log"):
+            for line in path.read_text().splitlines(keepends=True):
+                if line.endswith("\n") and line.strip():
+                    done.add(tuple(int(v) for v in line.split()))
+        return done
 
 
 # --------------------------------------------------------------------------- output store
-def _encode(prob: np.ndarray, dtype: str) -> np.ndarray:
-    if dtype == "uint8":
-        return np.clip(np.rint(prob * 255.0), 0, 255).astype(np.uint8)
-    return prob.astype(np.float16 if dtype == "float16" else np.float32)
+def _store_signature(raw_path, shape, chunks, block, out_dtype, checkpoint_hash, tta, precision,
+                     voxel_size, input_fingerprint) -> dict:
+    return {"input": str(Path(raw_path).resolve()), "input_fingerprint": input_fingerprint, "shape": list(shape),
+            "chunks": list(chunks), "block": list(block), "dtype": out_dtype, "checkpoint_sha256": checkpoint_hash,
+            "tta": str(tta), "precision": precision, "voxel_size": list(voxel_size)}
 
 
-def _store_signature(raw_path, shape, chunks, out_dtype, checkpoint_hash, tta, precision) -> dict:
-    return {"input": str(Path(raw_path).resolve()), "shape": list(shape), "chunks": list(chunks),
-            "dtype": out_dtype, "checkpoint_sha256": checkpoint_hash, "tta": str(tta), "precision": precision}
-
-
-def open_output(out_path: Path, raw: zarr.Array, chunks, out_dtype: str, signature: dict,
-                overwrite: bool, voxel_size) -> tuple[zarr.Array, zarr.Array]:
+def open_output(out_path: Path, shape, chunks, chunks_per_file, out_dtype: str, signature: dict,
+                overwrite: bool) -> zarr.Array:
     """Create the output store (race-free across shards) or reopen a matching one."""
     if out_path.exists() and overwrite and not _is_ours(out_path, signature):
         shutil.rmtree(out_path, ignore_errors=True)
     if not out_path.exists():
         tmp = out_path.with_name(f".{out_path.name}.init-{uuid.uuid4().hex[:8]}")
-        arr = io.create_ome_image(tmp, raw.shape, out_dtype, chunks, voxel_size, name="cell_probability")
-        group = zarr.open_group(str(tmp), mode="r+")
-        grid = ChunkGrid(tuple(raw.shape), tuple(arr.chunks))
-        group.create_array(DONE_ARRAY, shape=grid.grid_shape, chunks=(1, 1, 1), dtype="uint8", fill_value=0)
-        group.attrs["predict"] = signature
+        io.create_ome_image(tmp, shape, out_dtype, chunks, chunks_per_file=chunks_per_file,
+                            codec=io.fast_compressor(), multiscales=False)
+        zarr.open_group(str(tmp), mode="r+").attrs["predict"] = signature
         try:
             os.rename(tmp, out_path)  # atomic; fails if another shard won the race
         except OSError:
@@ -178,34 +142,360 @@ def open_output(out_path: Path, raw: zarr.Array, chunks, out_dtype: str, signatu
             f"{out_path}: holds a different prediction (differs in {', '.join(changed) or 'layout'}); "
             "delete it or pass --overwrite to replace it."
         )
-    return group["0"], group[DONE_ARRAY]
+    return group["0"]
 
 
 def _is_ours(path: Path, signature: dict) -> bool:
     try:
-        return dict(zarr.open_group(str(path), mode="r").attrs.get("predict", {})) == signature
-    except Exception:
+        group = zarr.open_group(str(path), mode="r")
+    except (FileNotFoundError, zarr.errors.NodeTypeValidationError, ValueError):
         return False
+    return dict(group.attrs.get("predict", {})) == signature
 
 
-def _fsync_chunk(out_path: Path, index: tuple[int, ...]) -> None:
-    """Make the chunk's file durable before its done flag is written."""
-    chunk_file = out_path / "0" / "c" / Path(*map(str, index))
-    if chunk_file.exists():
-        with open(chunk_file, "rb") as fh:
-            os.fsync(fh.fileno())
+def block_shape(array: zarr.Array) -> tuple[int, ...]:
+    """The unit of one write: a Zarr shard (one file), or a chunk when the array is not sharded."""
+    return tuple(array.shards or array.chunks)
+
+
+def _block_file(store: Path, index: tuple[int, ...]) -> Path:
+    """The file of block `index` of level 0 (Zarr v3 default chunk keys: a shard's or chunk's grid index)."""
+    return store / "0" / "c" / Path(*map(str, index))
+
+
+# --------------------------------------------------------------------------- strips
+def plan_strips(grid: ChunkGrid, input_chunk_z: int) -> list[tuple[tuple[int, ...], ...]]:
+    """Blocks grouped into strips: all blocks of one block row (z, y) across the width.
+
+    A strip spans as many block layers in z as needed to start and end on the
+    input's z-chunk boundaries, so that no input chunk is shared by two strips
+    of different z and decoded twice.
+    """
+    gz, gy, gx = grid.grid_shape
+    bz = grid.chunks[0]
+    layers = math.lcm(bz, input_chunk_z) // bz
+    strips = []
+    for z0 in range(0, gz, layers):
+        for y in range(gy):
+            strips.append(tuple((z, y, x) for z in range(z0, min(gz, z0 + layers)) for x in range(gx)))
+    return strips
+
+
+def shard_strips(strips: list, shard: int, num_shards: int) -> list:
+    """Contiguous runs of strips per job: each job reads its own rows once, plus the halo."""
+    if not 0 <= shard < num_shards:
+        raise ValueError(f"shard index {shard} is outside 0..{num_shards - 1}")
+    n = len(strips)
+    return strips[shard * n // num_shards:(shard + 1) * n // num_shards]
+
+
+def _mirror_axis(a: np.ndarray, axis: int, start: int, stop: int, held_from: int, size: int) -> np.ndarray:
+    """Indices [start, stop) of a volume axis of length `size`, mirrored past its ends.
+
+    `a` holds indices [held_from, held_from + a.shape[axis]) of that axis. Slicing
+    and np.pad (3 GB/s) where the reflection stays inside the held part,
+    else a gather with `mirror_indices` (repeated reflection, tiny volumes).
+    """
+    before, after = max(0, -start), max(0, stop - size)
+    lo, hi = max(start, 0), min(stop, size)
+    index = [slice(None)] * a.ndim
+    index[axis] = slice(lo - held_from, hi - held_from)
+    core = a[tuple(index)]
+    length = hi - lo
+    whole = length == size
+    if (before < length or whole) and (after < length or whole) and length > 1:
+        if not before and not after:
+            return core
+        widths = [(0, 0)] * a.ndim
+        widths[axis] = (before, after)
+        return np.pad(core, widths, mode="reflect")
+    return np.take(a, mirror_indices(start, stop, size) - held_from, axis=axis)
+
+
+class StripReader:
+    """Reads the mirrored input regions of consecutive strips, decoding each input chunk once.
+
+    Strips arrive in increasing y within a z range; the rows a later strip
+    still needs (its context margin reaches back into this one) are kept, and
+    only new rows are read, always whole input chunks, so no chunk is decoded
+    twice. Memory: a strip's rows across the full slice width.
+    """
+
+    def __init__(self, array):
+        self.array = array
+        self.voxels_read = 0
+        self._z: tuple[int, int] | None = None
+        self._y0 = self._y1 = 0
+        self._rows: np.ndarray | None = None
+
+    def read(self, box: Box) -> np.ndarray:
+        _, height, width = self.array.shape
+        row_chunk = self.array.chunks[1]
+        z = (box.start[0], box.stop[0])
+        iy = mirror_indices(box.start[1], box.stop[1], height)
+        lo, hi = int(iy.min()), int(iy.max()) + 1
+        first_row = lo // row_chunk * row_chunk
+        if self._z != z or lo < self._y0:
+            self._z, self._y0, self._y1 = z, first_row, first_row
+            self._rows = np.empty((z[1] - z[0], 0, width), self.array.dtype)
+        if hi > self._y1:
+            stop = min(height, -(-hi // row_chunk) * row_chunk)
+            fresh = np.asarray(self.array[z[0]:z[1], self._y1:stop])
+            self.voxels_read += fresh.size
+            self._rows = np.concatenate([self._rows[:, first_row - self._y0:], fresh], axis=1)
+            self._y0, self._y1 = first_row, stop
+        rows = _mirror_axis(self._rows, 1, box.start[1], box.stop[1], self._y0, height)
+        return _mirror_axis(rows, 2, box.start[2], box.stop[2], 0, width)
+
+
+# --------------------------------------------------------------------------- device side
+class HostBuffers:
+    """A fixed set of reusable host buffers (pinned on CUDA) handed out by size.
+
+    Taking blocks while all are in use: this is the pipeline's back-pressure,
+    and it bounds host memory. A buffer's `ready` event (CUDA) is waited on
+    before it is reused, so an asynchronous copy never races its next user.
+    """
+
+    def __init__(self, count: int, pin: bool):
+        self._free: queue.Queue = queue.Queue()
+        self._pin = pin
+        for _ in range(count):
+            self._free.put([torch.empty(0, dtype=torch.uint8), None])
+
+    def take(self, shape, dtype: torch.dtype) -> tuple[list, torch.Tensor]:
+        slot = self._free.get()
+        base, event = slot
+        if event is not None:
+            event.synchronize()
+        nbytes = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+        if base.numel() < nbytes:
+            base = slot[0] = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self._pin)
+        return slot, base[:nbytes].view(dtype).view(tuple(shape))
+
+    def give(self, slot: list, event=None) -> None:
+        slot[1] = event
+        self._free.put(slot)
+
+
+def _encode(prob: torch.Tensor, dtype: str) -> torch.Tensor:
+    """Probability -> stored dtype, on the device (uint8: round(255 p), half to even like np.rint)."""
+    if dtype == "uint8":
+        return torch.round(prob * 255.0).clamp_(0, 255).to(torch.uint8)
+    return prob.to(torch.float16 if dtype == "float16" else torch.float32)
+
+
+_TORCH_DTYPES = {"uint8": torch.uint8, "float16": torch.float16, "float32": torch.float32}
+
+
+@dataclass
+class _Block:
+    index: tuple[int, ...]
+    box: Box
+    remaining: int
+    buffer: torch.Tensor | None = None
+
+
+@dataclass
+class _Strip:
+    plan: ChunkPlan
+    region: torch.Tensor
+    slot: list
+    jobs: list                      # (z, tile, [blocks it touches])
+    next_job: int = 0
+    unfinished: int = 0
+
+
+def _overlap(a: Box, b: Box) -> Box | None:
+    start = tuple(max(x, y) for x, y in zip(a.start, b.start))
+    stop = tuple(min(x, y) for x, y in zip(a.stop, b.stop))
+    return Box(start, stop) if all(s < e for s, e in zip(start, stop)) else None
+
+
+def _strip_jobs(plan: ChunkPlan, blocks: list[_Block]) -> list:
+    """(z, tile, blocks) for each tile touching a pending block; column-major, so blocks finish early."""
+    origin = plan.computed.start
+    tiles = sorted(plan.tiles, key=lambda t: (t.output.start[2], t.output.start[1]))
+    jobs = []
+    for tile in tiles:
+        for z in range(plan.computed.shape[0]):
+            out = Box((origin[0] + z, origin[1] + tile.output.start[1], origin[2] + tile.output.start[2]),
+                      (origin[0] + z + 1, origin[1] + tile.output.stop[1], origin[2] + tile.output.stop[2]))
+            touched = [(b, o) for b in blocks if (o := _overlap(out, b.box)) is not None]
+            if touched:
+                jobs.append((z, tile, out, touched))
+                for b, _ in touched:
+                    b.remaining += 1
+    return jobs
 
 
 @dataclass
 class PredictStats:
-    chunks_total: int = 0
-    chunks_skipped: int = 0
-    chunks_computed: int = 0
+    blocks_total: int = 0
+    blocks_skipped: int = 0
+    blocks_computed: int = 0
     seconds: float = 0.0
     voxels: int = 0
+    input_voxels_read: int = 0
     extra: dict = field(default_factory=dict)
 
 
+class _Pipeline:
+    """One job's reader thread, device feeder (the caller) and writer threads."""
+
+    def __init__(self, predictor: Predictor, raw, out: zarr.Array, out_path: Path, grid: ChunkGrid,
+                 strips: list, normalise: Normaliser, out_dtype: str, workers: int, log: CompletionLog,
+                 stats: PredictStats, bar):
+        self.p, self.raw, self.out, self.out_path, self.grid = predictor, raw, out, out_path, grid
+        self.strips, self.out_dtype, self.log, self.stats, self.bar = strips, out_dtype, log, stats, bar
+        self.device = predictor.device
+        self.cuda = self.device.type == "cuda"
+        self.low = float(normalise.low)
+        self.scale = 1.0 / max(normalise.high - normalise.low, 1e-6)
+        self.workers = max(1, workers)
+        self.inputs = HostBuffers(READ_AHEAD + 1, self.cuda)
+        self.outputs = HostBuffers(2 * self.workers, self.cuda)
+        self.reader = StripReader(raw)
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._start = time.perf_counter()
+
+    # -- stage 1: reader thread
+    def _read_all(self, ready: queue.Queue) -> None:
+        try:
+            for blocks in self.strips:
+                if self._stop.is_set():
+                    return
+                box = Box(self.grid.box(blocks[0]).start, self.grid.box(blocks[-1]).stop)
+                plan = ChunkPlan.make(box, self.p.cfg, self.p.max_tile)
+                data = self.reader.read(plan.read)
+                slot, host = self.inputs.take(data.shape, torch.uint8)
+                host.numpy()[...] = data
+                ready.put((blocks, plan, slot, host))
+            ready.put(None)
+        except BaseException as exc:  # handed to the feeder, which re-raises it
+            ready.put(exc)
+
+    def _next_strip(self, ready: queue.Queue) -> _Strip | None:
+        item = ready.get()
+        if item is None:
+            return None
+        if isinstance(item, BaseException):
+            raise item
+        indices, plan, slot, host = item
+        region = host.to(self.device, non_blocking=True)
+        blocks = [_Block(idx, self.grid.box(idx), 0) for idx in indices]
+        jobs = _strip_jobs(plan, blocks)
+        return _Strip(plan, region, slot, jobs, unfinished=len(jobs))
+
+    # -- stage 3: writer threads
+    def _write(self, block: _Block, slot: list, host: torch.Tensor, event) -> None:
+        try:
+            if event is not None:
+                event.synchronize()
+            self.out[block.box.slices] = host.numpy()
+            path = _block_file(self.out_path, block.index)
+            if path.exists():  # an all-zero block is not stored at all
+                with open(path, "rb") as fh:
+                    os.fsync(fh.fileno())
+            self.log.record(block.index)
+        finally:
+            self.outputs.give(slot)
+        with self._lock:
+            self.stats.blocks_computed += 1
+            self.stats.voxels += math.prod(block.box.shape)
+            self.bar.update(1)
+            elapsed = time.perf_counter() - self._start
+            self.bar.set_postfix(voxels_per_s=f"{self.stats.voxels / max(elapsed, 1e-9):.3g}")
+            _inject_fault(self.stats.blocks_computed)
+
+    def _emit(self, block: _Block, pool: ThreadPoolExecutor, futures: list) -> None:
+        encoded = _encode(block.buffer, self.out_dtype)
+        block.buffer = None
+        slot, host = self.outputs.take(encoded.shape, _TORCH_DTYPES[self.out_dtype])
+        host.copy_(encoded, non_blocking=self.cuda)
+        event = None
+        if self.cuda:
+            event = torch.cuda.Event()
+            event.record()
+        futures.append(pool.submit(self._write, block, slot, host, event))
+        for f in [f for f in futures if f.done()]:
+            futures.remove(f)
+            f.result()
+
+    # -- stage 2: the device feeder
+    def run(self) -> None:
+        ready: queue.Queue = queue.Queue(maxsize=READ_AHEAD)
+        reader = threading.Thread(target=self._read_all, args=(ready,), daemon=True, name="predict-reader")
+        reader.start()
+        futures: list[Future] = []
+        pool = ThreadPoolExecutor(self.workers, thread_name_prefix="predict-writer")
+        active: list[_Strip] = []
+        exhausted = False
+        try:
+            while True:
+                batch = []
+                while len(batch) < self.p.tiles_per_batch:
+                    current = next((s for s in active if s.next_job < len(s.jobs)), None)
+                    if current is None:
+                        if exhausted:
+                            break
+                        strip = self._next_strip(ready)
+                        if strip is None:
+                            exhausted = True
+                            continue
+                        active.append(strip)
+                        continue
+                    batch.append((current, current.jobs[current.next_job]))
+                    current.next_job += 1
+                if not batch:
+                    break
+                self._run_batch(batch, pool, futures)
+                for strip in [s for s in active if s.unfinished == 0]:
+                    active.remove(strip)
+                    event = None
+                    if self.cuda:
+                        event = torch.cuda.Event()
+                        event.record()
+                    self.inputs.give(strip.slot, event)
+            for f in futures:
+                f.result()
+        finally:
+            self._stop.set()
+            pool.shutdown(wait=True, cancel_futures=True)
+            while reader.is_alive():  # unblock a reader waiting on a full queue or a buffer
+                try:
+                    item = ready.get(timeout=0.1)
+                    if isinstance(item, tuple):
+                        self.inputs.give(item[2])
+                except queue.Empty:
+                    pass
+                for strip in active:
+                    self.inputs.give(strip.slot)
+                active = []
+        self.stats.input_voxels_read = self.reader.voxels_read
+
+    def _run_batch(self, batch: list, pool: ThreadPoolExecutor, futures: list) -> None:
+        shapes = {tile.input.shape[1:] for _, (_, tile, _, _) in batch}
+        groups = [[item for item in batch if item[1][1].input.shape[1:] == s] for s in shapes]
+        for group in groups:
+            raw_tiles = torch.stack([strip.region[z][tile.input.slices[1:]] for strip, (z, tile, _, _) in group])
+            tiles = (raw_tiles.float() - self.low) * self.scale
+            prob = self.p.probabilities(tiles)
+            for (strip, (z, tile, out_box, touched)), p in zip(group, prob):
+                for block, overlap in touched:
+                    if block.buffer is None:
+                        block.buffer = torch.empty(block.box.shape, dtype=torch.float32, device=self.device)
+                    src = overlap.relative_to(out_box.start)
+                    dst = overlap.relative_to(block.box.start)
+                    block.buffer[dst.slices] = p[src.slices[1:]]
+                    block.remaining -= 1
+                    if block.remaining == 0:
+                        self._emit(block, pool, futures)
+                strip.unfinished -= 1
+
+
+# --------------------------------------------------------------------------- stage
 def predict_volume(
     predictor: Predictor | None,
     raw_path: str | os.PathLike,
@@ -220,19 +510,21 @@ def predict_volume(
     precision: str = "auto",
     tta="none",
     init_only: bool = False,
+    chunks_per_file: tuple[int, int, int] | None = io.CHUNKS_PER_FILE,
 ) -> PredictStats:
-    """Predict the chunks of one shard into `out_path` (created if needed).
+    """Predict the blocks of one shard (job) into `out_path` (created if needed).
 
     `init_only` creates (or, with `overwrite`, replaces a different) store and
     returns: the workflow does this once before the shards start, so that a
     retrained model replaces the old prediction without shards racing to do so.
+    `workers` is the number of writer threads (compression runs there).
     """
     raw_path, out_path = Path(raw_path), Path(out_path)
     raw = io.open_ome_image(raw_path)
     if raw.ndim != 3:
         raise InputError(f"{raw_path}: expected a 3D (slices, y, x) image, got {raw.ndim}D.")
-    if out_dtype not in ("float16", "float32", "uint8"):
-        raise ConfigError(f"predict.dtype must be float16, float32 or uint8, got {out_dtype!r}")
+    if out_dtype not in OUT_DTYPES:
+        raise ConfigError(f"predict.dtype must be one of {', '.join(OUT_DTYPES)}, got {out_dtype!r}")
     if any(c > s for c, s in zip(chunks, raw.shape)):
         raise ConfigError(
             f"predict.chunks {tuple(chunks)} is larger than the volume {tuple(raw.shape)} of {raw_path}; "
@@ -240,71 +532,58 @@ def predict_volume(
         )
     attrs = io.store_attrs(raw_path)
     normalise = Normaliser.from_attrs(attrs, str(raw_path))
-    voxel = attrs.get("voxel_size", (1.0, 1.0, 1.0))
-    signature = _store_signature(raw_path, raw.shape, chunks, out_dtype, file_sha256(checkpoint), tta, precision)
+    block = io.shard_shape(raw.shape, chunks, chunks_per_file) or tuple(chunks)
+    signature = _store_signature(raw_path, raw.shape, chunks, block, out_dtype, file_sha256(checkpoint), tta,
+                                 precision, io.voxel_size(raw_path), attrs.get("fingerprint"))
     if io.is_complete(out_path) and _is_ours(out_path, signature):
         return PredictStats(extra={"already_complete": True})
     if io.is_complete(out_path) and not overwrite:
         raise InputError(f"{out_path}: a complete, different output exists; pass --overwrite to replace it.")
-    out, done = open_output(out_path, raw, chunks, out_dtype, signature, overwrite, voxel)
+    out = open_output(out_path, raw.shape, chunks, chunks_per_file, out_dtype, signature, overwrite)
     if init_only:
         return PredictStats(extra={"initialised": str(out_path)})
-    grid = ChunkGrid(tuple(raw.shape), tuple(out.chunks))
-    mine = grid.shard(*shard)
-    done_flags = np.asarray(done[...])
-    pending = [idx for idx in mine if not done_flags[idx]]
-    stats = PredictStats(chunks_total=len(mine), chunks_skipped=len(mine) - len(pending))
-    bar = tqdm(total=len(mine), initial=stats.chunks_skipped, unit="chunk", disable=not progress,
+    grid = ChunkGrid(tuple(raw.shape), block_shape(out))
+    mine = shard_strips(plan_strips(grid, raw.chunks[0]), *shard)
+    finished = CompletionLog.finished(out_path)
+    total = sum(len(s) for s in mine)
+    pending = [tuple(b for b in s if b not in finished) for s in mine]
+    pending = [s for s in pending if s]
+    stats = PredictStats(blocks_total=total, blocks_skipped=total - sum(len(s) for s in pending))
+    bar = tqdm(total=total, initial=stats.blocks_skipped, unit="block", disable=not progress,
                desc=f"predict {shard[0]}/{shard[1]}")
-    lock = threading.Lock()
+    log = CompletionLog(out_path, f"job-{shard[0]}-of-{shard[1]}")
     start = time.perf_counter()
-
-    def read(idx):
-        plan = ChunkPlan.make(grid.box(idx), predictor.model.cfg, predictor.max_tile)
-        return plan, normalise(read_mirrored(raw, plan.read))
-
-    def compute_and_write(job, idx):
-        plan, block = job
-        prob = predictor.predict_block(block, plan)
-        out[plan.chunk.slices] = _encode(prob, out_dtype)
-        _fsync_chunk(out_path, idx)
-        done[idx] = 1
-        with lock:
-            stats.chunks_computed += 1
-            stats.voxels += prob.size
-            elapsed = time.perf_counter() - start
-            bar.update(1)
-            bar.set_postfix(voxels_per_s=f"{stats.voxels / max(elapsed, 1e-9):.3g}")
-            _inject_fault(stats.chunks_computed)
-        return idx
-
-    # One read task and one compute task per chunk; with two or more threads
-    # the read of the next chunk runs while the network works on this one.
-    tasks = [dask.delayed(compute_and_write)(dask.delayed(read)(idx), idx) for idx in pending]
     try:
-        if tasks:
-            dask.compute(*tasks, scheduler="threads", num_workers=max(1, workers))
+        if pending:
+            _Pipeline(predictor, raw, out, out_path, grid, pending, normalise, out_dtype, workers, log, stats,
+                      bar).run()
     finally:
+        log.close()
         bar.close()
     stats.seconds = time.perf_counter() - start
     return stats
 
 
 def gather(out_path: str | os.PathLike, pyramid_levels: int = 2, provenance: dict | None = None) -> None:
-    """Check that every chunk of every shard is done, then build the pyramid and mark complete."""
+    """Check that every block of every job is done, then build the pyramid and mark complete."""
     out_path = Path(out_path)
     if not out_path.exists():
         raise InputError(f"{out_path}: no prediction store; run the predict shards first.")
+    if io.is_complete(out_path):
+        return
     group = zarr.open_group(str(out_path), mode="r+")
-    done = np.asarray(group[DONE_ARRAY][...])
-    missing = int(done.size - np.count_nonzero(done))
+    signature = dict(group.attrs.get("predict", {}))
+    if not signature:
+        raise InputError(f"{out_path}: not a prediction store of this pipeline (no 'predict' attributes).")
+    grid = ChunkGrid(tuple(group["0"].shape), block_shape(group["0"]))
+    missing = grid.num_chunks - len(CompletionLog.finished(out_path) & set(grid.indices()))
     if missing:
-        raise InputError(f"{out_path}: {missing} of {done.size} chunks are not predicted yet; rerun the missing shards.")
-    if not io.is_complete(out_path):
-        signature = dict(group.attrs["predict"])
-        io.build_pyramid(out_path, pyramid_levels, name="cell_probability")
-        io.mark_complete(out_path, {**signature, **(provenance or {}), "content": "cell probability (high = cell)",
-                                    "package_version": __version__})
+        raise InputError(f"{out_path}: {missing} of {grid.num_chunks} blocks are not predicted yet; "
+                         "rerun the missing shards.")
+    io.build_pyramid(out_path, pyramid_levels, voxel_size=signature["voxel_size"], name="cell_probability")
+    io.mark_complete(out_path, {**signature, **(provenance or {}), "content": "cell probability (high = cell)",
+                                "package_version": __version__})
+    shutil.rmtree(out_path / PROGRESS_DIR, ignore_errors=True)
 
 
 def parse_shard(text: str) -> tuple[int, int]:

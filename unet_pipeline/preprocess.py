@@ -160,6 +160,7 @@ def preprocess(
     chunks: tuple[int, int, int] = (1, 512, 512),
     voxel_size: tuple[float, float, float] = (1.0, 1.0, 1.0),
     label_format: str = "binary",
+    chunks_per_file: tuple[int, int, int] | None = io.CHUNKS_PER_FILE,
 ) -> dict:
     """Convert a raw stack and/or its labels into OME-Zarr; returns the raw attributes.
 
@@ -178,7 +179,8 @@ def preprocess(
     if out_raw is not None:
         attrs = {"source": str(raw_path), "normalisation": intensity_statistics(raw), "voxel_size": list(voxel_size)}
         with io.atomic_directory(out_raw) as tmp:
-            arr = io.create_ome_image(tmp, raw.shape, raw.dtype, chunks, voxel_size, name="raw")
+            arr = io.create_ome_image(tmp, raw.shape, raw.dtype, chunks, voxel_size, name="raw",
+                                     chunks_per_file=chunks_per_file)
             for z, plane in enumerate(raw.slices()):
                 arr[z] = plane
             arr.attrs["normalisation"] = attrs["normalisation"]  # beside the data, for other readers
@@ -187,7 +189,8 @@ def preprocess(
     if labels is not None and out_labels is not None:
         dtype = np.uint8 if label_format == "binary" else np.uint32
         with io.atomic_directory(out_labels) as tmp:
-            arr = io.create_ome_image(tmp, labels.shape, dtype, chunks, voxel_size, name="labels")
+            arr = io.create_ome_image(tmp, labels.shape, dtype, chunks, voxel_size, name="labels",
+                                     chunks_per_file=chunks_per_file)
             for z, plane in enumerate(labels.slices()):
                 arr[z] = check_labels(plane, f"{labels_path} (slice {z})", label_format)
             io.build_pyramid(tmp, 2, label=True, voxel_size=voxel_size, name="labels")

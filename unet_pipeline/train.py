@@ -37,7 +37,7 @@ from unet_pipeline.device import autocast, resolve_device, resolve_dtype
 from unet_pipeline.errors import ConfigError, InputError
 from unet_pipeline.metrics import aggregate, slice_statistics
 from unet_pipeline.model import UNet, UNetConfig
-from unet_pipeline.predict import Predictor
+from unet_pipeline.inference import Predictor
 from unet_pipeline.preprocess import Normaliser
 
 LOG_FIELDS = ["step", "loss", "lr", "seconds", "val_loss", "val_pixel_error", "val_rand_error"]

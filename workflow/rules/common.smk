@@ -87,7 +87,7 @@ def predict_runtime_min(wildcards, input):
     """Walltime of one shard: its share of the volume at the configured throughput, 50% margin."""
     import zarr
 
-    from unet_pipeline.predict import tta_transforms
+    from unet_pipeline.inference import tta_transforms
 
     if not os.path.exists(input.raw):
         # Snakemake evaluates resources when a job is ready to run, after its input

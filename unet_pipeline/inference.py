@@ -1,0 +1,211 @@
+"""The network runner: a trained U-Net applied to batches of tiles on one device.
+
+Everything between "raw tiles on the device" and "cell probability on the
+device" lives here, so that the volume pipeline (`predict.py`) and validation
+during training (`train.py`) run the network the same way:
+
+- normalisation on the device (raw uint8 tiles travel, 4x fewer bytes than float);
+- test-time augmentation (the 8 symmetries of the square) batched into one
+  forward pass instead of one pass per transform;
+- channels_last memory format (faster convolutions on GPUs and with oneDNN);
+- bf16/fp16 autocast (`device.py`);
+- optional `torch.compile`, falling back to eager mode with one warning
+  where it cannot compile (no compiler, unsupported platform).
+No function here synchronises with the host: results stay on the device.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from unet_pipeline.checkpoint import model_from_checkpoint
+from unet_pipeline.device import autocast, resolve_device, resolve_dtype
+from unet_pipeline.errors import ConfigError
+from unet_pipeline.model import UNetConfig
+from unet_pipeline.tiling import Box, ChunkPlan, read_mirrored
+
+log = logging.getLogger(__name__)
+
+# The 8 symmetries of the square as (quarter turns, flip); test-time augmentation.
+DIHEDRAL = tuple((k, f) for f in (False, True) for k in range(4))
+# Largest batch `batch_size: auto` picks on a GPU: beyond 16 tiles of 572^2 the
+# paper's network gains nothing measurable (issue 10: 111 Mvoxel/s at 16).
+MAX_AUTO_BATCH = 16
+
+
+def tta_transforms(tta: str | int | list) -> tuple[tuple[int, bool], ...]:
+    """'none' -> identity; 'flips' -> 4 flips; 'd4' or 8 -> all 8; an int n -> first n of the 8."""
+    if tta in ("none", None, 0, 1):
+        return DIHEDRAL[:1]
+    if tta in ("d4", 8):
+        return DIHEDRAL
+    if tta == "flips":
+        return ((0, False), (2, False), (0, True), (2, True))
+    if isinstance(tta, int) and 1 <= tta <= 8:
+        return DIHEDRAL[:tta]
+    raise ConfigError(f"predict.tta must be 'none', 'flips', 'd4' or 1-8, got {tta!r}")
+
+
+def _apply(x: torch.Tensor, k: int, flip: bool) -> torch.Tensor:
+    x = torch.rot90(x, k, dims=(-2, -1)) if k else x
+    return torch.flip(x, dims=(-1,)) if flip else x
+
+
+def _invert(x: torch.Tensor, k: int, flip: bool) -> torch.Tensor:
+    x = torch.flip(x, dims=(-1,)) if flip else x
+    return torch.rot90(x, -k, dims=(-2, -1)) if k else x
+
+
+def activation_bytes_per_tile(cfg: UNetConfig, input_size: int, bytes_per_value: int = 2) -> int:
+    """Upper estimate of the activation memory one input tile needs during inference.
+
+    The largest moment is the top level of the expanding path: the skip
+    connection, the concatenation and two convolution outputs alive at once.
+    """
+    top = cfg.base_channels * input_size * input_size * bytes_per_value
+    return 6 * top
+
+
+def auto_batch_size(cfg: UNetConfig, tile_size: int, device: torch.device, transforms: int) -> int:
+    """Network inputs per forward pass: 1 tile's transforms on CPU; on a GPU as many as fit in 40% of free memory."""
+    if device.type != "cuda":
+        return transforms
+    free, _ = torch.cuda.mem_get_info(device)
+    per_tile = activation_bytes_per_tile(cfg, cfg.input_size(tile_size))
+    fits = max(1, int(0.4 * free // per_tile))
+    return max(transforms, min(MAX_AUTO_BATCH * transforms, 2 ** int(math.log2(fits))))
+
+
+@dataclass
+class Predictor:
+    """A trained network plus how to run it (device, precision, test-time augmentation, batching).
+
+    `batch_size` counts network inputs per forward pass, test-time
+    augmentation copies included, so it bounds device memory whatever the TTA.
+    """
+
+    model: nn.Module
+    device: torch.device
+    dtype: torch.dtype | None = None
+    transforms: tuple[tuple[int, bool], ...] = DIHEDRAL[:1]
+    max_tile: int = 388
+    batch_size: int | None = None
+    channels_last: bool = True
+    compile: bool = False
+    _net: nn.Module = field(init=False, repr=False)
+    _compiled: bool = field(init=False, default=False, repr=False)
+
+    def __post_init__(self):
+        cfg = self.model.cfg
+        if not cfg.is_valid_output_size(self.max_tile):
+            lo, hi = cfg.nearest_valid_output_sizes(self.max_tile)
+            raise ConfigError(f"predict.tile_size {self.max_tile} is not a valid output tile; nearest valid: {lo} and {hi}")
+        self.model = self.model.to(self.device).eval()
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        if self.batch_size is None:
+            self.batch_size = auto_batch_size(cfg, self.max_tile, self.device, len(self.transforms))
+        if self.batch_size < 1:
+            raise ConfigError(f"predict.batch_size must be at least 1 or 'auto', got {self.batch_size}")
+        self._net = self.model
+        if self.compile:
+            self._net = torch.compile(self.model, dynamic=False)
+            self._compiled = True
+
+    @property
+    def cfg(self) -> UNetConfig:
+        return self.model.cfg
+
+    @property
+    def tiles_per_batch(self) -> int:
+        """Tiles per forward pass: the batch divided among the test-time transforms."""
+        return max(1, self.batch_size // len(self.transforms))
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(self.device, self.dtype):
+            if not self._compiled:
+                return self.model(x)
+            try:
+                return self._net(x)
+            except Exception as exc:  # noqa: BLE001 - any compiler failure: report it and run eagerly
+                log.warning("predict.compile: torch.compile failed (%s: %s); running the network uncompiled",
+                            type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+                self._compiled = False
+                return self.model(x)
+
+    def _probability(self, x: torch.Tensor) -> torch.Tensor:
+        """Cell probability (n, h, w), float32, of inputs (n, 1, H, W)."""
+        if self._compiled and x.shape[0] < self.batch_size:
+            # Pad a short last batch so that the compiled graph sees one shape.
+            pad = x.new_zeros((self.batch_size - x.shape[0], *x.shape[1:]))
+            return self._probability(torch.cat([x, pad]))[: x.shape[0]]
+        logits = self._logits(x).float()
+        return torch.softmax(logits, dim=1)[:, 1]
+
+    @torch.inference_mode()
+    def probabilities(self, tiles: torch.Tensor) -> torch.Tensor:
+        """Mean cell probability over the test-time transforms of normalised tiles (n, H, W) on the device.
+
+        Transforms that give the same tile orientation run in one forward pass
+        (all 8 for square tiles); each result is mapped back before averaging.
+        """
+        x = tiles[:, None]
+        n = x.shape[0]
+        square = x.shape[-1] == x.shape[-2]
+        groups: dict[bool, list[tuple[int, bool]]] = {}
+        for k, flip in self.transforms:
+            groups.setdefault(square or k % 2 == 0, []).append((k, flip))
+        total = None
+        for transforms in groups.values():
+            batch = torch.cat([_apply(x, k, flip) for k, flip in transforms])
+            step = max(n, self.batch_size // n * n)  # whole transforms per pass
+            prob = torch.cat([self._probability(batch[i:i + step]) for i in range(0, batch.shape[0], step)])
+            for j, (k, flip) in enumerate(transforms):
+                part = _invert(prob[j * n:(j + 1) * n], k, flip)
+                total = part if total is None else total + part
+        return total / len(self.transforms)
+
+    @torch.inference_mode()
+    def predict_region(self, region: torch.Tensor, plan: ChunkPlan, normalise=None) -> torch.Tensor:
+        """Run every tile of `plan` on `region` (its read box, on the device); returns the plan's chunk.
+
+        `normalise` maps raw tiles to network input; None if `region` is normalised already.
+        """
+        out = torch.empty(plan.computed.shape, dtype=torch.float32, device=self.device)
+        jobs = [(z, tile) for z in range(region.shape[0]) for tile in plan.tiles]
+        for i in range(0, len(jobs), self.tiles_per_batch):
+            group = jobs[i:i + self.tiles_per_batch]
+            tiles = torch.stack([region[z][tile.input.slices[1:]] for z, tile in group])
+            prob = self.probabilities(normalise(tiles) if normalise else tiles.float())
+            for (z, tile), p in zip(group, prob):
+                out[(z, *tile.output.slices[1:])] = p
+        return out[plan.chunk.relative_to(plan.computed.start).slices]
+
+    def predict_image(self, image: np.ndarray) -> np.ndarray:
+        """Whole-array prediction of normalised (slices, y, x) data held in memory."""
+        image = image[None] if image.ndim == 2 else image
+        plan = ChunkPlan.make(Box((0, 0, 0), image.shape), self.cfg, self.max_tile)
+        region = torch.from_numpy(np.ascontiguousarray(read_mirrored(image, plan.read), np.float32)).to(self.device)
+        return self.predict_region(region, plan).cpu().numpy()
+
+
+def load_predictor(checkpoint: str | os.PathLike, device: str = "auto", precision: str = "auto",
+                   tta="none", tile_size: int = 388, batch_size: int | None = None,
+                   expected_model: UNetConfig | None = None, compile: bool = False,
+                   channels_last: bool = True) -> Predictor:
+    """The checkpoint's network ready to predict; refuses one that differs from `expected_model`.
+
+    `batch_size` None picks one for the device (`auto_batch_size`).
+    """
+    dev = resolve_device(device)
+    model, _ = model_from_checkpoint(checkpoint, expected=expected_model, device=dev)
+    return Predictor(model, dev, resolve_dtype(precision, dev), tta_transforms(tta), tile_size, batch_size,
+                     channels_last=channels_last, compile=compile)
