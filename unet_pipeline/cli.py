@@ -289,6 +289,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # OpenMP threads that sleep between torch's operations instead of spinning:
+    # the prediction's reader and writer threads need those cores (measured:
+    # +20% data-path throughput on 2 cores, the same network speed). Set
+    # before torch is imported; a value the user set wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     args = build_parser().parse_args(argv)
     try:
         args.func(args)

@@ -29,6 +29,7 @@ and marked it complete, so outside readers never show a half-written map.
 """
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -49,8 +50,9 @@ from tqdm import tqdm
 from unet_pipeline import __version__, io
 from unet_pipeline.checkpoint import file_sha256
 from unet_pipeline.errors import ConfigError, InputError
-from unet_pipeline.inference import Predictor, load_predictor, tta_transforms  # noqa: F401 - re-exported
+from unet_pipeline.inference import Predictor, load_predictor, stack_tiles, tta_transforms  # noqa: F401
 from unet_pipeline.preprocess import Normaliser
+from unet_pipeline.shardwrite import ShardEncoder, write_shard
 from unet_pipeline.tiling import Box, ChunkGrid, ChunkPlan, mirror_indices
 
 PROGRESS_DIR = "unet_progress"
@@ -130,6 +132,7 @@ def open_output(out_path: Path, shape, chunks, chunks_per_file, out_dtype: str, 
         io.create_ome_image(tmp, shape, out_dtype, chunks, chunks_per_file=chunks_per_file,
                             codec=io.fast_compressor(), multiscales=False)
         zarr.open_group(str(tmp), mode="r+").attrs["predict"] = signature
+
         try:
             os.rename(tmp, out_path)  # atomic; fails if another shard won the race
         except OSError:
@@ -142,7 +145,9 @@ def open_output(out_path: Path, shape, chunks, chunks_per_file, out_dtype: str, 
             f"{out_path}: holds a different prediction (differs in {', '.join(changed) or 'layout'}); "
             "delete it or pass --overwrite to replace it."
         )
-    return group["0"]
+    # Every block is written whole and almost never equals the fill value:
+    # skipping zarr's per-chunk comparison with it saves 10% of a write.
+    return zarr.open_array(str(out_path / "0"), mode="r+", config={"write_empty_chunks": True})
 
 
 def _is_ours(path: Path, signature: dict) -> bool:
@@ -189,27 +194,27 @@ def shard_strips(strips: list, shard: int, num_shards: int) -> list:
     return strips[shard * n // num_shards:(shard + 1) * n // num_shards]
 
 
-def _mirror_axis(a: np.ndarray, axis: int, start: int, stop: int, held_from: int, size: int) -> np.ndarray:
-    """Indices [start, stop) of a volume axis of length `size`, mirrored past its ends.
+def _runs(index: np.ndarray) -> list[tuple[slice, slice]]:
+    """Split mirrored indices into runs of step +1 or -1: (destination slice, source slice) pairs.
 
-    `a` holds indices [held_from, held_from + a.shape[axis]) of that axis. Slicing
-    and np.pad (3 GB/s) where the reflection stays inside the held part,
-    else a gather with `mirror_indices` (repeated reflection, tiny volumes).
+    Mirroring a strip is then a handful of block copies (3 per axis at most
+    unless the margin exceeds the volume), not a gather over every voxel.
     """
-    before, after = max(0, -start), max(0, stop - size)
-    lo, hi = max(start, 0), min(stop, size)
-    index = [slice(None)] * a.ndim
-    index[axis] = slice(lo - held_from, hi - held_from)
-    core = a[tuple(index)]
-    length = hi - lo
-    whole = length == size
-    if (before < length or whole) and (after < length or whole) and length > 1:
-        if not before and not after:
-            return core
-        widths = [(0, 0)] * a.ndim
-        widths[axis] = (before, after)
-        return np.pad(core, widths, mode="reflect")
-    return np.take(a, mirror_indices(start, stop, size) - held_from, axis=axis)
+    runs, begin = [], 0
+    n = len(index)
+    while begin < n:
+        end = begin + 1
+        step = int(index[end] - index[begin]) if end < n else 1
+        if abs(step) != 1:
+            step = 1
+        else:
+            while end < n and index[end] - index[end - 1] == step:
+                end += 1
+        first, last = int(index[begin]), int(index[end - 1])
+        stop = last + step if last + step >= 0 else None
+        runs.append((slice(begin, end), slice(first, stop, step)))
+        begin = end
+    return runs
 
 
 class StripReader:
@@ -228,7 +233,11 @@ class StripReader:
         self._y0 = self._y1 = 0
         self._rows: np.ndarray | None = None
 
-    def read(self, box: Box) -> np.ndarray:
+    def read(self, box: Box):
+        """Make `box` readable; returns fill(out, convert), which writes the mirrored region into `out`.
+
+        `convert(source, destination)` copies (and may normalise) one block of it.
+        """
         _, height, width = self.array.shape
         row_chunk = self.array.chunks[1]
         z = (box.start[0], box.stop[0])
@@ -244,8 +253,10 @@ class StripReader:
             self.voxels_read += fresh.size
             self._rows = np.concatenate([self._rows[:, first_row - self._y0:], fresh], axis=1)
             self._y0, self._y1 = first_row, stop
-        rows = _mirror_axis(self._rows, 1, box.start[1], box.stop[1], self._y0, height)
-        return _mirror_axis(rows, 2, box.start[2], box.stop[2], 0, width)
+        y_runs = _runs(iy - self._y0)
+        x_runs = _runs(mirror_indices(box.start[2], box.stop[2], width))
+        return lambda out, convert: [convert(self._rows[:, ys, xs], out[:, yd, xd])
+                                     for yd, ys in y_runs for xd, xs in x_runs]
 
 
 # --------------------------------------------------------------------------- device side
@@ -350,12 +361,13 @@ class _Pipeline:
         self.strips, self.out_dtype, self.log, self.stats, self.bar = strips, out_dtype, log, stats, bar
         self.device = predictor.device
         self.cuda = self.device.type == "cuda"
-        self.low = float(normalise.low)
-        self.scale = 1.0 / max(normalise.high - normalise.low, 1e-6)
+        self.normalise = normalise
+        self.low, self.scale = normalise.low, normalise.scale
         self.workers = max(1, workers)
         self.inputs = HostBuffers(READ_AHEAD + 1, self.cuda)
         self.outputs = HostBuffers(2 * self.workers, self.cuda)
         self.reader = StripReader(raw)
+        self.encoder = ShardEncoder.for_array(out)
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._start = time.perf_counter()
@@ -368,9 +380,13 @@ class _Pipeline:
                     return
                 box = Box(self.grid.box(blocks[0]).start, self.grid.box(blocks[-1]).stop)
                 plan = ChunkPlan.make(box, self.p.cfg, self.p.max_tile)
-                data = self.reader.read(plan.read)
-                slot, host = self.inputs.take(data.shape, torch.uint8)
-                host.numpy()[...] = data
+                fill = self.reader.read(plan.read)
+                if self.cuda:  # raw bytes travel, 4x fewer than float; normalised on the GPU
+                    slot, host = self.inputs.take(plan.read.shape, torch.uint8)
+                    fill(host.numpy(), lambda source, destination: np.copyto(destination, source))
+                else:  # the CPU is the device: normalise here, beside the feeder thread
+                    slot, host = self.inputs.take(plan.read.shape, torch.float32)
+                    fill(host.numpy(), self.normalise.into)
                 ready.put((blocks, plan, slot, host))
             ready.put(None)
         except BaseException as exc:  # handed to the feeder, which re-raises it
@@ -383,7 +399,9 @@ class _Pipeline:
         if isinstance(item, BaseException):
             raise item
         indices, plan, slot, host = item
-        region = host.to(self.device, non_blocking=True)
+        region = host
+        if self.cuda:
+            region = host.to(self.device, non_blocking=True).float().sub_(self.low).mul_(self.scale)
         blocks = [_Block(idx, self.grid.box(idx), 0) for idx in indices]
         jobs = _strip_jobs(plan, blocks)
         return _Strip(plan, region, slot, jobs, unfinished=len(jobs))
@@ -393,9 +411,11 @@ class _Pipeline:
         try:
             if event is not None:
                 event.synchronize()
-            self.out[block.box.slices] = host.numpy()
             path = _block_file(self.out_path, block.index)
-            if path.exists():  # an all-zero block is not stored at all
+            if self.encoder is not None:
+                write_shard(path, self.encoder.encode(host.numpy(), block.index))
+            else:
+                self.out[block.box.slices] = host.numpy()
                 with open(path, "rb") as fh:
                     os.fsync(fh.fileno())
             self.log.record(block.index)
@@ -479,8 +499,7 @@ class _Pipeline:
         shapes = {tile.input.shape[1:] for _, (_, tile, _, _) in batch}
         groups = [[item for item in batch if item[1][1].input.shape[1:] == s] for s in shapes]
         for group in groups:
-            raw_tiles = torch.stack([strip.region[z][tile.input.slices[1:]] for strip, (z, tile, _, _) in group])
-            tiles = (raw_tiles.float() - self.low) * self.scale
+            tiles = stack_tiles([strip.region[z][tile.input.slices[1:]] for strip, (z, tile, _, _) in group])
             prob = self.p.probabilities(tiles)
             for (strip, (z, tile, out_box, touched)), p in zip(group, prob):
                 for block, overlap in touched:
@@ -553,11 +572,16 @@ def predict_volume(
                desc=f"predict {shard[0]}/{shard[1]}")
     log = CompletionLog(out_path, f"job-{shard[0]}-of-{shard[1]}")
     start = time.perf_counter()
+    # The pipeline creates many short-lived objects (zarr's asyncio tasks);
+    # frozen, the long-lived ones (torch, the model) are no longer traversed
+    # by every garbage collection: 4% of a prediction's CPU time otherwise.
+    gc.freeze()
     try:
         if pending:
             _Pipeline(predictor, raw, out, out_path, grid, pending, normalise, out_dtype, workers, log, stats,
                       bar).run()
     finally:
+        gc.unfreeze()
         log.close()
         bar.close()
     stats.seconds = time.perf_counter() - start
