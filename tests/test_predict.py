@@ -153,3 +153,97 @@ def test_cli_refuses_a_checkpoint_of_another_model(tmp_path):
                         str(ckpt), "--model", '{"base_channels": 8, "depth": 3, "dropout": 0.0}', "--out",
                         str(tmp_path / "p"), "--tile-size", "36"], capture_output=True, text=True)
     assert r.returncode == 2 and "base_channels=4 (config says 8)" in r.stderr
+
+
+def _pass_through_expected(norm: np.ndarray) -> np.ndarray:
+    """What PassThroughNet predicts: sigmoid(c[y, x] - c[y, x - 1]), x - 1 mirrored at the border."""
+    left = np.concatenate([norm[:, :, 1:2], norm[:, :, :-1]], axis=2)
+    return 1.0 / (1.0 + np.exp(-(norm.astype(np.float64) - left)))
+
+
+def test_every_output_voxel_comes_from_its_own_input_and_input_is_read_once(tmp_path):
+    from unet_pipeline.inference import PassThroughNet
+    from unet_pipeline.preprocess import Normaliser
+
+    raw_path, data = _raw_store(tmp_path, (3, 301, 389))  # odd sizes: partial edge chunks and shards
+    ckpt = _checkpoint(tmp_path / "m.pt")
+    predictor = Predictor(PassThroughNet(MODEL), torch.device("cpu"), max_tile=52, batch_size=3)
+    out = tmp_path / "p.ome.zarr"
+    stats = predict_volume(predictor, raw_path, out, ckpt, chunks=(1, 64, 64), out_dtype="float32",
+                           chunks_per_file=(1, 2, 2), progress=False)
+    assert stats.blocks_computed == stats.blocks_total == 3 * 3 * 4
+    # Input chunks of 256^2: each is decoded once, although strips of 128 rows need 2 x 20 rows of context.
+    assert stats.input_voxels_read == data.size
+    gather(out)
+    norm = Normaliser.from_attrs(io.store_attrs(raw_path))(data)
+    got = io.open_ome_image(out)[...]
+    assert np.abs(got - _pass_through_expected(norm)).max() < 1e-6
+
+
+def test_jobs_split_strips_and_write_one_file_per_block(tmp_path):
+    from unet_pipeline.inference import PassThroughNet
+
+    raw_path, _ = _raw_store(tmp_path, (2, 200, 150))
+    ckpt = _checkpoint(tmp_path / "m.pt")
+    predictor = Predictor(PassThroughNet(MODEL), torch.device("cpu"), max_tile=52)
+    out = tmp_path / "p.ome.zarr"
+    kw = dict(chunks=(1, 50, 50), out_dtype="uint8", chunks_per_file=(1, 2, 4), progress=False)
+    first = predict_volume(predictor, raw_path, out, ckpt, shard=(0, 3), **kw)
+    second = predict_volume(predictor, raw_path, out, ckpt, shard=(1, 3), **kw)
+    third = predict_volume(predictor, raw_path, out, ckpt, shard=(2, 3), **kw)
+    # 2 slices x 2 block rows = 4 strips of one 100 x 150 block each, split 1 / 1 / 2.
+    assert [s.blocks_total for s in (first, second, third)] == [1, 1, 2]
+    blocks = sorted(p.relative_to(out / "0" / "c") for p in (out / "0" / "c").rglob("*") if p.is_file())
+    assert len(blocks) == 4 and len(CompletionLog.finished(out)) == 4
+    gather(out)
+    assert not (out / "unet_progress").exists()
+
+
+def test_unfinished_store_is_not_an_ome_image_and_gather_carries_the_voxel_size(tmp_path):
+    import tifffile
+
+    data = (np.random.default_rng(0).random((2, 60, 60)) * 255).astype(np.uint8)
+    tifffile.imwrite(tmp_path / "raw.tif", data, photometric="minisblack")
+    preprocess(tmp_path / "raw.tif", tmp_path / "raw.ome.zarr", chunks=(1, 64, 64), voxel_size=(40.0, 5.0, 5.0))
+    ckpt = _checkpoint(tmp_path / "m.pt")
+    predictor = load_predictor(ckpt, "cpu", "fp32", tile_size=36)
+    out = tmp_path / "p.ome.zarr"
+    predict_volume(predictor, tmp_path / "raw.ome.zarr", out, ckpt, chunks=(1, 30, 30), shard=(0, 2), progress=False)
+    assert "ome" not in zarr.open_group(str(out), mode="r").attrs  # napari / neuroglancer see no image yet
+    predict_volume(predictor, tmp_path / "raw.ome.zarr", out, ckpt, chunks=(1, 30, 30), shard=(1, 2), progress=False)
+    gather(out)
+    assert io.voxel_size(out) == (40.0, 5.0, 5.0)
+    scales = [d["coordinateTransformations"][0]["scale"]
+              for d in zarr.open_group(str(out), mode="r").attrs["ome"]["multiscales"][0]["datasets"]]
+    assert scales == [[40.0, 5.0, 5.0], [40.0, 10.0, 10.0], [40.0, 20.0, 20.0]]
+
+
+def test_compile_failure_falls_back_with_one_warning(monkeypatch, caplog):
+    def broken_compile(model, **kw):
+        def run(x):
+            raise RuntimeError("no compiler here")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    eager = Predictor(UNet(MODEL), torch.device("cpu"), max_tile=36, batch_size=2)
+    compiled = Predictor(UNet(MODEL), torch.device("cpu"), max_tile=36, batch_size=2, compile=True)
+    compiled.model.load_state_dict(eager.model.state_dict())
+    image = np.random.default_rng(0).random((2, 70, 70)).astype(np.float32)
+    with caplog.at_level("WARNING"):
+        got = compiled.predict_image(image)
+        compiled.predict_image(image)
+    assert [r.message for r in caplog.records if "torch.compile failed" in r.message].__len__() == 1
+    assert np.allclose(got, eager.predict_image(image), atol=1e-6)
+
+
+def test_tta_batched_equals_one_pass_per_transform():
+    from unet_pipeline.inference import DIHEDRAL, _apply, _invert
+
+    torch.manual_seed(1)
+    predictor = Predictor(UNet(MODEL), torch.device("cpu"), transforms=DIHEDRAL, max_tile=36, batch_size=8)
+    tiles = torch.rand(2, 36 + 2 * MODEL.context_margin, 36 + 2 * MODEL.context_margin)
+    batched = predictor.probabilities(tiles)
+    with torch.inference_mode():
+        one_by_one = torch.stack([_invert(torch.softmax(predictor.model(_apply(tiles[:, None], k, f)), 1)[:, 1], k, f)
+                                  for k, f in DIHEDRAL]).mean(0)
+    assert torch.allclose(batched, one_by_one, atol=1e-5)

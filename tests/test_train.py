@@ -19,7 +19,8 @@ def slices(synthetic_stack):
 
 
 def _cfg(steps, **kw):
-    return TrainConfig(steps=steps, tile_size=20, checkpoint_every=2, validate_every=3, device="cpu", **kw)
+    kw = {"log_every": 1, "checkpoint_every": 2, **kw}
+    return TrainConfig(steps=steps, tile_size=20, validate_every=3, device="cpu", **kw)
 
 
 def test_weighted_cross_entropy_matches_definition():
@@ -75,3 +76,19 @@ def test_data_parallel_on_cpu_with_gloo(slices, tmp_path):
     best = train_data_parallel(2, model_cfg=MODEL, cfg=_cfg(2), train_data=tr, val_data=None,
                                out_dir=tmp_path, progress=False)
     assert best.exists()
+
+
+def test_loss_is_read_every_log_every_steps_as_the_mean_since_the_last_read(slices, tmp_path):
+    tr, _ = slices
+    train(MODEL, _cfg(7, log_every=3, checkpoint_every=100), tr, None, tmp_path / "sparse", progress=False)
+    train(MODEL, _cfg(7, checkpoint_every=100), tr, None, tmp_path / "dense", progress=False)
+    import csv
+
+    def rows(name):
+        with open(tmp_path / name / "training_log.csv") as fh:
+            return {int(r["step"]): float(r["loss"]) for r in csv.DictReader(fh)}
+
+    sparse, dense = rows("sparse"), rows("dense")
+    assert sorted(sparse) == [3, 6, 7]  # every 3 steps, and the last step
+    assert sparse[3] == pytest.approx(np.mean([dense[s] for s in (1, 2, 3)]), rel=1e-5)
+    assert sparse[7] == pytest.approx(dense[7], rel=1e-5)

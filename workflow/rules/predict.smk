@@ -1,7 +1,8 @@
 PRED = config["predict"]
 PREDICT_ARGS = (
-    "--tile-size {PRED[tile_size]} --chunks {params.chunks} --dtype {PRED[dtype]} --tta {PRED[tta]}"
-    " --device {PRED[device]} --precision {PRED[precision]} --batch-size {PRED[batch_size]}"
+    "--tile-size {PRED[tile_size]} --chunks {params.chunks} --chunks-per-file {params.chunks_per_file}"
+    " --dtype {PRED[dtype]} --tta {PRED[tta]} --device {PRED[device]} --precision {PRED[precision]}"
+    " --batch-size {PRED[batch_size]} --workers {PRED[writers]}" + (" --compile" if PRED["compile"] else "")
 )
 
 
@@ -15,6 +16,7 @@ rule predict_init:
     params:
         out=f"{R}/{{dataset}}/probabilities.ome.zarr",
         chunks=",".join(map(str, PRED["chunks"])),
+        chunks_per_file=",".join(map(str, PRED["chunks_per_file"])),
         model=json.dumps(config["model"]),
     log:
         f"{R}/logs/predict_init/{{dataset}}.log",
@@ -42,6 +44,7 @@ rule predict:
     params:
         out=f"{R}/{{dataset}}/probabilities.ome.zarr",
         chunks=",".join(map(str, PRED["chunks"])),
+        chunks_per_file=",".join(map(str, PRED["chunks_per_file"])),
         model=json.dumps(config["model"]),
     log:
         f"{R}/logs/predict/{{dataset}}-{{shard}}.log",

@@ -1,5 +1,6 @@
 PRE = config["preprocess"]
 CHUNKS = ",".join(map(str, PRE["chunks"]))
+CHUNKS_PER_FILE = ",".join(map(str, PRE["chunks_per_file"]))
 VOXEL = ",".join(map(str, PRE["voxel_size_nm"]))
 
 
@@ -20,7 +21,7 @@ rule preprocess:
         **cluster_resources(gpu=False),
     shell:
         "unet-pipeline preprocess --raw {input.raw} --out-raw {output.raw}"
-        " --chunks {CHUNKS} --voxel-size {VOXEL} > {log} 2>&1"
+        " --chunks {CHUNKS} --chunks-per-file {CHUNKS_PER_FILE} --voxel-size {VOXEL} > {log} 2>&1"
 
 
 rule preprocess_labels:
@@ -43,4 +44,4 @@ rule preprocess_labels:
         **cluster_resources(gpu=False),
     shell:
         "unet-pipeline preprocess --raw {input.raw} --labels {input.labels} --out-labels {output.labels}"
-        " --chunks {CHUNKS} --voxel-size {VOXEL} --label-format {params.label_format} > {log} 2>&1"
+        " --chunks {CHUNKS} --chunks-per-file {CHUNKS_PER_FILE} --voxel-size {VOXEL} --label-format {params.label_format} > {log} 2>&1"
