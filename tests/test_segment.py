@@ -36,3 +36,23 @@ def test_segment_writes_an_ome_zarr_label_image(tmp_path):
     group = zarr.open_group(str(tmp_path / "s.ome.zarr"), mode="r")
     assert "image-label" in group.attrs["ome"]
     assert io.is_complete(tmp_path / "s.ome.zarr")
+
+
+def test_segmentation_of_a_sharded_map_matches_scipy_and_keeps_voxel_size(tmp_path):
+    from scipy import ndimage
+
+    from unet_pipeline import io
+    from unet_pipeline.segment import segment
+
+    rng = np.random.default_rng(5)
+    prob = (ndimage.gaussian_filter(rng.random((2, 90, 130)), 3) > 0.5).astype(np.float32)
+    path = tmp_path / "prob.ome.zarr"
+    io.write_ome_image(path, prob, (1, 20, 20), voxel_size=(30.0, 6.0, 6.0))  # 8 x 8 chunks per file: shards
+    assert zarr.open_group(str(path), mode="r")["0"].shards is not None
+    segment(path, tmp_path / "seg.ome.zarr", workers=2)
+    seg = io.open_ome_image(tmp_path / "seg.ome.zarr")[...]
+    for z in range(2):
+        ref, n = ndimage.label(prob[z] > 0.5)
+        assert len(np.unique(seg[z][seg[z] > 0])) == n
+        assert np.array_equal(seg[z] > 0, ref > 0)
+    assert io.voxel_size(tmp_path / "seg.ome.zarr") == (30.0, 6.0, 6.0)

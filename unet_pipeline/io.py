@@ -101,6 +101,11 @@ def shard_shape(shape: Sequence[int], chunks: Sequence[int], chunks_per_file: Se
     return tuple(min(c * int(n), -(-s // c) * c) for c, n, s in zip(clipped, chunks_per_file, shape))
 
 
+def chunks_per_shard(array: zarr.Array) -> tuple[int, ...] | None:
+    """An array's shard shape in chunks (None when unsharded), so derived arrays keep its file layout."""
+    return tuple(s // c for s, c in zip(array.shards, array.chunks)) if array.shards else None
+
+
 def voxel_size(path: str | os.PathLike) -> tuple[float, float, float]:
     """(z, y, x) voxel size of an OME-Zarr image: level 0's scale, else the recorded one, else 1."""
     group = zarr.open_group(str(path), mode="r")
@@ -221,7 +226,7 @@ def build_pyramid(
     group = zarr.open_group(str(path), mode="r+")
     source = group["0"]
     factors = [1]
-    per_file = tuple(s // c for s, c in zip(source.shards, source.chunks)) if source.shards else None
+    per_file = chunks_per_shard(source)
     codec = source.compressors[0] if source.compressors else compressor()
     for level in range(1, levels + 1):
         shape = source.shape[:1] + tuple(max(1, s // 2) for s in source.shape[1:])

@@ -43,8 +43,12 @@ def _foreground(block: np.ndarray, threshold: float) -> np.ndarray:
 
 def label_chunked(prob: zarr.Array, out: zarr.Array, threshold: float = 0.5, connectivity: str = "2d",
                   workers: int = 2) -> int:
-    """Label cells (prob > threshold) of `prob` into `out` chunk by chunk; returns the cell count."""
-    grid = ChunkGrid(tuple(prob.shape), tuple(out.chunks))
+    """Label cells (prob > threshold) of `prob` into `out` block by block; returns the cell count.
+
+    A block is one Zarr shard of `out` (one file): two threads never write
+    into the same file.
+    """
+    grid = ChunkGrid(tuple(prob.shape), tuple(out.shards or out.chunks))
     struct = structure(connectivity)
     indices = list(grid.indices())
 
@@ -108,10 +112,13 @@ def segment(prob_path: str | os.PathLike, out_path: str | os.PathLike, threshold
     if not 0.0 <= threshold <= 1.0:
         raise ConfigError(f"segment.threshold must lie in [0, 1], got {threshold}")
     prob = io.open_ome_image(prob_path)
+    voxel_size = io.voxel_size(prob_path)
+    per_file = io.chunks_per_shard(prob)
     with io.atomic_directory(out_path) as tmp:
-        out = io.create_ome_image(tmp, prob.shape, np.uint32, prob.chunks, name="segmentation")
+        out = io.create_ome_image(tmp, prob.shape, np.uint32, prob.chunks, voxel_size, name="segmentation",
+                                  chunks_per_file=per_file)
         count = label_chunked(prob, out, threshold, connectivity, workers)
-        io.build_pyramid(tmp, 2, label=True, name="segmentation")
+        io.build_pyramid(tmp, 2, label=True, voxel_size=voxel_size, name="segmentation")
         io.mark_complete(tmp, {"source": str(Path(prob_path)), "threshold": threshold,
                                "connectivity": connectivity, "cells": count})
     return count

@@ -155,7 +155,9 @@ def write_weights(labels_path, out_path, w0: float = 10.0, sigma_px: float = 5.0
     attrs = {"source": str(labels_path), "w0": w0, "sigma_px": sigma_px,
              "class_balance": "w_c = N / (2 N_c) per slice", "tolerance": 1e-6}
     with io.atomic_directory(out_path) as tmp:
-        out = io.create_ome_image(tmp, labels.shape, np.float32, labels.chunks, name="weights")
+        per_file = io.chunks_per_shard(labels)
+        out = io.create_ome_image(tmp, labels.shape, np.float32, labels.chunks, io.voxel_size(labels_path),
+                                  name="weights", chunks_per_file=per_file)
         for z in range(labels.shape[0]):
             plane = np.asarray(labels[z])
             if max(plane.shape) > chunk_px:
