@@ -4,7 +4,7 @@ Checked from SLURM's own accounting: train and every predict shard ran in the
 gpu partition with one GPU each, the other rules in the CPU partition, predict
 ran as the configured number of shards, the outputs equal a local run's, and
 a predict shard that fails once is retried without recomputing its finished
-chunks.
+blocks.
 """
 import json
 import os
@@ -125,7 +125,7 @@ def test_failed_predict_shard_is_retried_without_recomputing(slurm, slurm_run, t
         path = workdir / "results" / "test" / name
         shutil.rmtree(path) if path.is_dir() else path.unlink()
     first = _last_job(slurm)
-    fault = {**slurm, "UNET_PIPELINE_FAIL_AFTER_CHUNKS": "1", "UNET_PIPELINE_FAULT_MARKER": str(workdir / "fault")}
+    fault = {**slurm, "UNET_PIPELINE_FAIL_AFTER_BLOCKS": "1", "UNET_PIPELINE_FAULT_MARKER": str(workdir / "fault")}
     run = _run(workdir, "slurm", fault, "--slurm-init-seconds-before-status-checks", "3",
                "results/test/probabilities.done")
     assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
@@ -136,9 +136,9 @@ def test_failed_predict_shard_is_retried_without_recomputing(slurm, slurm_run, t
     assert [r["state"] for r in predict].count("FAILED") == 1
     assert len(predict) == TINY["predict"]["shards"] + 1
     summaries = [json.loads(p.read_text()) for p in (workdir / "results" / "test" / "predict").glob("*.json")]
-    retried = [s for s in summaries if s["chunks_skipped"] > 0]
-    assert len(retried) == 1 and retried[0]["chunks_skipped"] >= 1
-    assert retried[0]["chunks_skipped"] + retried[0]["chunks_computed"] == retried[0]["chunks_total"]
+    retried = [s for s in summaries if s["blocks_skipped"] > 0]
+    assert len(retried) == 1 and retried[0]["blocks_skipped"] >= 1
+    assert retried[0]["blocks_skipped"] + retried[0]["blocks_computed"] == retried[0]["blocks_total"]
     again = zarr.open_group(str(workdir / "results" / "test" / "probabilities.ome.zarr"), mode="r")["0"][...]
     before = zarr.open_group(str(done_run / "results" / "test" / "probabilities.ome.zarr"), mode="r")["0"][...]
     assert np.array_equal(again, before)

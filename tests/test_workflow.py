@@ -22,7 +22,7 @@ TINY = {
     "preprocess": {"chunks": [1, 32, 32]},
     "model": {"depth": 2, "base_channels": 4},
     "train": {"steps": 6, "tile_size": 20, "validate_every": 3, "checkpoint_every": 3, "device": "cpu"},
-    "predict": {"tile_size": 36, "chunks": [1, 32, 48], "shards": 2},
+    "predict": {"tile_size": 36, "chunks": [1, 32, 48], "chunks_per_file": [1, 1, 1], "shards": 2},
 }
 
 
