@@ -186,17 +186,14 @@ class Predictor:
         return torch.stack(parts).mean(dim=0)
 
     @torch.inference_mode()
-    def predict_region(self, region: torch.Tensor, plan: ChunkPlan, normalise=None) -> torch.Tensor:
-        """Run every tile of `plan` on `region` (its read box, on the device); returns the plan's chunk.
-
-        `normalise` maps raw tiles to network input; None if `region` is normalised already.
-        """
+    def predict_region(self, region: torch.Tensor, plan: ChunkPlan) -> torch.Tensor:
+        """Run every tile of `plan` on the normalised `region` (its read box, on the device); returns the chunk."""
         out = torch.empty(plan.computed.shape, dtype=torch.float32, device=self.device)
         jobs = [(z, tile) for z in range(region.shape[0]) for tile in plan.tiles]
         for i in range(0, len(jobs), self.tiles_per_batch):
             group = jobs[i:i + self.tiles_per_batch]
             tiles = stack_tiles([region[z][tile.input.slices[1:]] for z, tile in group])
-            prob = self.probabilities(normalise(tiles) if normalise else tiles.float())
+            prob = self.probabilities(tiles.float())
             for (z, tile), p in zip(group, prob):
                 out[(z, *tile.output.slices[1:])] = p
         return out[plan.chunk.relative_to(plan.computed.start).slices]
