@@ -25,7 +25,7 @@ def test_synth_is_deterministic(tmp_path):
 
     for name in ("a", "b"):
         assert _run("synth", "--out-raw", str(tmp_path / f"{name}.tif"), "--out-labels",
-                    str(tmp_path / f"{name}-l.tif"), "--slices", "2", "--shape", "64", "64", "--seed", "4"
+                    str(tmp_path / f"{name}-l.tif"), "--slices", "2", "--shape", "64,64", "--seed", "4"
                     ).returncode == 0
     assert (tifffile.imread(tmp_path / "a.tif") == tifffile.imread(tmp_path / "b.tif")).all()
     labels = tifffile.imread(tmp_path / "a-l.tif")

@@ -6,7 +6,8 @@ import zarr
 
 from unet_pipeline import io
 from unet_pipeline.errors import InputError
-from unet_pipeline.preprocess import Normaliser, StackSource, preprocess
+from unet_pipeline.io import StackSource
+from unet_pipeline.preprocess import Normaliser, preprocess
 
 
 def test_multipage_tiff_folder_and_zarr_read_the_same(tmp_path, synthetic_stack):

@@ -4,6 +4,7 @@ import pytest
 from scipy import ndimage
 
 from unet_pipeline import metrics as M
+from unet_pipeline.errors import InputError
 
 
 def test_conformance_vector(conformance):
@@ -110,7 +111,7 @@ def test_membrane_probability_flag_and_uint8_input():
     (np.zeros((2, 2, 2, 2)), "2D or 3D"),
 ])
 def test_bad_proposals_are_rejected(bad, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(InputError, match=message):
         M.evaluate_isbi(two_cells(), bad)
 
 

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from unet_pipeline.errors import ConfigError
 from unet_pipeline.model import UNet, UNetConfig, count_conv_layers
 
 
@@ -28,7 +29,7 @@ def test_valid_output_sizes_are_4_plus_16k():
 
 
 def test_invalid_tile_size_names_nearest_valid_sizes():
-    with pytest.raises(ValueError, match="nearest valid output sizes: 372 and 388"):
+    with pytest.raises(ConfigError, match="nearest valid sizes: 372 and 388"):
         UNetConfig().input_size(380)
 
 

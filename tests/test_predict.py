@@ -14,7 +14,9 @@ from unet_pipeline import io
 from unet_pipeline.checkpoint import save_checkpoint
 from unet_pipeline.errors import ConfigError, InputError
 from unet_pipeline.model import UNet, UNetConfig
-from unet_pipeline.predict import CompletionLog, Predictor, gather, load_predictor, predict_volume
+from unet_pipeline.blockstore import CompletionLog
+from unet_pipeline.inference import Predictor, load_predictor
+from unet_pipeline.predict import gather, predict_volume
 from unet_pipeline.preprocess import preprocess
 
 MODEL = UNetConfig(base_channels=4, depth=3, dropout=0.0)
@@ -78,7 +80,7 @@ def test_shards_fill_one_store_and_gather_checks_completion(tmp_path):
     out = tmp_path / "p.ome.zarr"
     kw = dict(chunks=(1, 40, 40), out_dtype="uint8", progress=False, precision="fp32")
     predict_volume(predictor, raw_path, out, ckpt, shard=(0, 2), **kw)
-    with pytest.raises(InputError, match="not predicted yet"):
+    with pytest.raises(InputError, match="not written yet"):
         gather(out)
     assert not io.is_complete(out)
     stats = predict_volume(predictor, raw_path, out, ckpt, shard=(1, 2), **kw)

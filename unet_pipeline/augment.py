@@ -19,19 +19,24 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from unet_pipeline.config import defaults
+
+
+_DEFAULTS = defaults("train")["augment"]  # the config schema holds every default
+
 
 @dataclass(frozen=True)
 class AugmentConfig:
     """Every augmentation parameter; set `enabled: false` to sample plain tiles."""
 
-    enabled: bool = True
-    elastic_sigma_px: float = 10.0
-    elastic_grid: int = 3
-    rotation: bool = True
-    flips: bool = True
-    contrast: float = 0.2          # factor drawn from [1 - c, 1 + c]
-    brightness: float = 0.1        # offset drawn from [-b, b] (normalised units)
-    noise_sigma: float = 0.03      # additive Gaussian noise (normalised units)
+    enabled: bool = _DEFAULTS["enabled"]
+    elastic_sigma_px: float = _DEFAULTS["elastic_sigma_px"]
+    elastic_grid: int = _DEFAULTS["elastic_grid"]
+    rotation: bool = _DEFAULTS["rotation"]
+    flips: bool = _DEFAULTS["flips"]
+    contrast: float = _DEFAULTS["contrast"]          # factor drawn from [1 - c, 1 + c]
+    brightness: float = _DEFAULTS["brightness"]      # offset drawn from [-b, b] (normalised units)
+    noise_sigma: float = _DEFAULTS["noise_sigma"]    # additive Gaussian noise (normalised units)
 
 
 @dataclass

@@ -8,25 +8,25 @@ the previous checkpoint or the new one, never a truncated file.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
-import uuid
+import pickle
+import zipfile
 from pathlib import Path
 
 import torch
 
 from unet_pipeline import __version__
 from unet_pipeline.errors import InputError
+from unet_pipeline.io import atomic_file
 from unet_pipeline.model import UNet, UNetConfig
+
+log = logging.getLogger(__name__)
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    torch.save({**state, "version": __version__}, tmp)
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    with atomic_file(path, durable=True) as tmp:
+        torch.save({**state, "version": __version__}, tmp)
 
 
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
@@ -35,7 +35,7 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
         raise InputError(f"{path}: checkpoint not found; run the train stage first or fix predict.checkpoint.")
     try:
         state = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as exc:
+    except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError, ValueError, OSError) as exc:
         raise InputError(f"{path}: not a readable checkpoint ({exc}).") from exc
     if not isinstance(state, dict) or "model" not in state or "model_config" not in state:
         raise InputError(f"{path}: not a unet-pipeline checkpoint (no model weights or model config).")
@@ -60,6 +60,39 @@ def model_from_checkpoint(path: str | os.PathLike, expected: UNetConfig | None =
     except RuntimeError as exc:
         raise InputError(f"{path}: weights do not fit the stored model config ({exc}).") from exc
     return model.to(device).eval(), state
+
+
+def check_training_config(path: str | os.PathLike, state: dict, expected: dict) -> None:
+    """Compare the config a checkpoint was trained with against the one the caller expects.
+
+    A different model section is refused (the network would not match the
+    prediction settings); other differences (train, weights, training data)
+    are warned about, naming the keys: the checkpoint is usable, but it is
+    not the model this config would train. A checkpoint without a stored
+    config (trained outside the workflow) is warned about once.
+    """
+    stored = state.get("config") or {}
+    if not stored:
+        log.warning("%s: the checkpoint records no training config; cannot check it against this one", path)
+        return
+    differences = _differences(stored, expected)
+    model = [d for d in differences if d.startswith("model.")]
+    if model:
+        raise InputError(f"{path}: checkpoint was trained with another model config ({'; '.join(model[:5])}); "
+                         "retrain or set the model section to match.")
+    if differences:
+        log.warning("%s: checkpoint was trained with another config (%s); its predictions are not what this "
+                    "config would give", path, "; ".join(differences[:8]))
+
+
+def _differences(stored, expected, prefix: str = "") -> list[str]:
+    """Keys whose values differ, as 'key: stored -> expected', recursing into mappings."""
+    if isinstance(stored, dict) and isinstance(expected, dict):
+        out = []
+        for key in sorted(set(stored) | set(expected)):
+            out += _differences(stored.get(key), expected.get(key), f"{prefix}{key}.")
+        return out
+    return [] if stored == expected else [f"{prefix.rstrip('.')}: {stored!r} -> {expected!r}"]
 
 
 def file_sha256(path: str | os.PathLike) -> str:

@@ -1,48 +1,66 @@
 """`unet-pipeline <stage>`: one subcommand per workflow stage.
 
-Snakemake rules call these, and each also runs on its own. Errors meant for
-users (bad input, bad config) are printed as one sentence, without a
-traceback, and the command exits with status 2.
+Snakemake rules call these (with arguments from `stages`), and each also
+runs on its own. Option defaults are the config schema's. Errors meant for
+users (bad input, bad config, a file that cannot be read or written) are
+printed as one sentence that names the file or key, without a traceback,
+and the command exits with status 2. Library code reports through `logging`;
+the CLI sends it to stderr, one message per line.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from pathlib import Path
 
-from unet_pipeline.errors import PipelineError
+from unet_pipeline.config import defaults
+from unet_pipeline.errors import ConfigError, PipelineError
 
 
 CHUNKS_PER_FILE_HELP = "chunks per Zarr v3 shard (one file; for predict also one unit of work), default 1,8,8; 1,1,1 = no sharding"
 
 
-def _chunks_per_file(text: str | None) -> tuple[int, ...]:
-    from unet_pipeline.io import CHUNKS_PER_FILE
-
-    return _ints(text) if text else CHUNKS_PER_FILE
-
-
 def _ints(text: str) -> tuple[int, ...]:
-    return tuple(int(v) for v in text.replace("x", ",").split(","))
+    try:
+        return tuple(int(v) for v in text.replace("x", ",").split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
 def _floats(text: str) -> tuple[float, ...]:
-    return tuple(float(v) for v in text.split(","))
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _json(text: str | None, option: str, default=None):
+    """A JSON option's value, or ConfigError naming the option."""
+    if text is None:
+        return default
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{option} is not valid JSON ({exc.msg} at character {exc.pos}): {text[:80]!r}") from None
+
+
+def _csv(values) -> str:
+    return ",".join(str(v) for v in values)
 
 
 def cmd_synth(a):
     import tifffile
 
+    from unet_pipeline.io import atomic_file
     from unet_pipeline.synthetic import synthesize_labels_and_raw
 
-    raw, labels = synthesize_labels_and_raw(a.slices, tuple(a.shape), a.seed, a.cell_diameter_px)
+    raw, labels = synthesize_labels_and_raw(a.slices, a.shape, a.seed, a.cell_diameter_px)
     for path, data in ((a.out_raw, raw), (a.out_labels, labels)):
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(path).with_name(f".tmp-{Path(path).name}")
-        tifffile.imwrite(tmp, data, photometric="minisblack")
-        os.replace(tmp, path)
+        with atomic_file(path) as tmp:
+            tifffile.imwrite(tmp, data, photometric="minisblack")
     print(f"wrote {a.out_raw} and {a.out_labels}: {raw.shape}")
 
 
@@ -53,8 +71,7 @@ def cmd_preprocess(a):
         raise PipelineError("--labels and --out-labels go together")
     if a.out_raw is None and a.out_labels is None:
         raise PipelineError("nothing to write: give --out-raw and/or --labels with --out-labels")
-    preprocess(a.raw, a.out_raw, a.labels, a.out_labels, _ints(a.chunks), _floats(a.voxel_size), a.label_format,
-               _chunks_per_file(a.chunks_per_file))
+    preprocess(a.raw, a.out_raw, a.labels, a.out_labels, a.chunks, a.voxel_size, a.label_format, a.chunks_per_file)
     print(f"wrote {', '.join(p for p in (a.out_raw, a.out_labels) if p)}")
 
 
@@ -74,12 +91,17 @@ def cmd_train(a):
     from unet_pipeline.train import SliceSet, TrainConfig, load_slices, train, train_data_parallel
 
     torch.set_num_threads(a.threads)
-    model_cfg = UNetConfig(**json.loads(a.model))
-    train_values = json.loads(a.train)
+    model_cfg = UNetConfig(**_json(a.model, "--model"))
+    train_values = _json(a.train, "--train")
     gpus = int(train_values.pop("gpus", 1))
     cfg = TrainConfig.from_dict(train_values)
     train_parts, val_parts = [], []
-    for ds in json.loads(a.datasets):
+    datasets = _json(a.datasets, "--datasets")
+    if not isinstance(datasets, list) or not all(isinstance(d, dict) and {"name", "raw", "labels", "weights"} <= set(d)
+                                                 for d in datasets):
+        raise ConfigError("--datasets must be a JSON list of objects with name, raw, labels, weights (and train, "
+                          "validate)")
+    for ds in datasets:
         n = open_ome_image(ds["raw"]).shape[0]
         tr = parse_slices(ds.get("train"), n, f"datasets.{ds['name']}.train")
         va = parse_slices(ds.get("validate"), n, f"datasets.{ds['name']}.validate")
@@ -91,7 +113,7 @@ def cmd_train(a):
         raise PipelineError("no training slices: set datasets.<name>.train for a dataset with labels")
     kwargs = dict(model_cfg=model_cfg, cfg=cfg, train_data=SliceSet.concatenate(train_parts),
                   val_data=SliceSet.concatenate(val_parts) if val_parts else None, out_dir=a.out,
-                  resume=a.resume, progress=not a.no_progress, run_config=json.loads(a.run_config or "{}"))
+                  resume=a.resume, progress=not a.no_progress, run_config=_json(a.run_config, "--run-config", {}))
     world = gpus if torch.cuda.is_available() else a.cpu_processes
     world = min(world, torch.cuda.device_count()) if torch.cuda.is_available() else world
     best = train_data_parallel(world, **kwargs) if world > 1 else train(**kwargs)
@@ -104,22 +126,28 @@ def cmd_train(a):
 def cmd_predict(a):
     import torch
 
+    from unet_pipeline.inference import load_predictor
     from unet_pipeline.model import UNetConfig
-    from unet_pipeline.predict import load_predictor, parse_shard, predict_volume, write_summary
+    from unet_pipeline.predict import parse_shard, predict_volume, write_summary
+
+    from unet_pipeline.checkpoint import check_training_config, model_from_checkpoint
 
     torch.set_num_threads(a.threads)
-    expected = UNetConfig(**json.loads(a.model)) if a.model else None
+    expected = UNetConfig(**_json(a.model, "--model")) if a.model else None
+    training = _json(a.run_config, "--run-config")
+    shard = parse_shard(a.shard)
     if a.init_only:  # no network is run: check the checkpoint on the CPU, whatever the device
-        from unet_pipeline.checkpoint import model_from_checkpoint
-
-        model_from_checkpoint(a.checkpoint, expected)
+        _, state = model_from_checkpoint(a.checkpoint, expected)
+        if training is not None:
+            check_training_config(a.checkpoint, state, training)
         predictor = None
     else:
         predictor = load_predictor(a.checkpoint, a.device, a.precision, _tta(a.tta), a.tile_size,
-                                   _batch_size(a.batch_size), expected, compile=a.compile)
-    stats = predict_volume(predictor, a.raw, a.out, a.checkpoint, _ints(a.chunks), a.dtype, parse_shard(a.shard),
+                                   _batch_size(a.batch_size), expected, compile=a.compile == "1",
+                                   expected_training=training)
+    stats = predict_volume(predictor, a.raw, a.out, a.checkpoint, a.chunks, a.dtype, shard,
                            a.workers, a.overwrite, not a.no_progress, a.precision, _tta(a.tta), a.init_only,
-                           _chunks_per_file(a.chunks_per_file))
+                           a.chunks_per_file)
     if a.summary:
         write_summary(a.summary, stats)
     print(f"predicted {stats.blocks_computed} blocks ({stats.blocks_skipped} already done) into {a.out}")
@@ -159,7 +187,7 @@ def cmd_evaluate(a):
     from unet_pipeline.evaluate import evaluate, open_stack
 
     n = open_stack(a.labels).shape[0]
-    slices = parse_slices(json.loads(a.slices) if a.slices.startswith("[") else a.slices, n, "--slices")
+    slices = parse_slices(_json(a.slices, "--slices") if a.slices.startswith("[") else a.slices, n, "--slices")
     summary = evaluate(a.prob, a.labels, slices, a.out_json, a.out_slices, a.out_curves, a.out_plot, a.workers,
                        a.membrane_probability, a.kind)
     print(json.dumps({k: summary[k] for k in ("pixel_error", "rand_error", "warping_error", "v_rand", "v_info")}))
@@ -168,8 +196,11 @@ def cmd_evaluate(a):
 def cmd_report(a):
     from unet_pipeline.report import write_report
 
+    bad = [item for item in a.metrics if "=" not in item]
+    if bad:
+        raise ConfigError(f"--metrics takes NAME=metrics.json, got {bad[0]!r}")
     metrics = dict(item.split("=", 1) for item in a.metrics)
-    write_report(a.out, a.log, metrics, json.loads(a.example) if a.example else None)
+    write_report(a.out, a.log, metrics, _json(a.example, "--example"))
     print(f"report: {a.out}")
 
 
@@ -181,16 +212,19 @@ def cmd_validate_config(a):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The subcommands; every default that is also a config key comes from the config schema."""
+    pre, wts, pred, seg, ev = (defaults(k) for k in ("preprocess", "weights", "predict", "segment", "evaluate"))
+    synth = {k: v["default"] for k, v in _synthetic_schema().items()}
     p = argparse.ArgumentParser(prog="unet-pipeline", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("synth", help="generate an EM-like stack with exact ground truth")
     s.add_argument("--out-raw", required=True)
     s.add_argument("--out-labels", required=True)
-    s.add_argument("--slices", type=int, default=8)
-    s.add_argument("--shape", type=int, nargs=2, default=(256, 256))
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--cell-diameter-px", type=float, default=40.0)
+    s.add_argument("--slices", type=int, default=synth["slices"])
+    s.add_argument("--shape", type=_ints, default=tuple(synth["shape"]), help="Y,X in pixels")
+    s.add_argument("--seed", type=int, default=synth["seed"])
+    s.add_argument("--cell-diameter-px", type=float, default=synth["cell_diameter_px"])
     s.set_defaults(func=cmd_synth)
 
     s = sub.add_parser("preprocess", help="TIFF/Zarr stack -> chunked OME-Zarr with normalisation statistics")
@@ -198,27 +232,29 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out-raw", help="raw OME-Zarr to write (omit to write only labels)")
     s.add_argument("--labels")
     s.add_argument("--out-labels")
-    s.add_argument("--chunks", default="1,512,512")
-    s.add_argument("--chunks-per-file", help=CHUNKS_PER_FILE_HELP)
-    s.add_argument("--voxel-size", default="50,4,4", help="z,y,x in nm")
+    s.add_argument("--chunks", type=_ints, default=tuple(pre["chunks"]), help="Z,Y,X")
+    s.add_argument("--chunks-per-file", type=_ints, default=tuple(pre["chunks_per_file"]), help=CHUNKS_PER_FILE_HELP)
+    s.add_argument("--voxel-size", type=_floats, default=tuple(pre["voxel_size_nm"]), help="Z,Y,X in nm")
     s.add_argument("--label-format", default="binary", choices=("binary", "instances"))
     s.set_defaults(func=cmd_preprocess)
 
     s = sub.add_parser("weights", help="the paper's weight maps from a label OME-Zarr")
     s.add_argument("--labels", required=True)
     s.add_argument("--out", required=True)
-    s.add_argument("--w0", type=float, default=10.0)
-    s.add_argument("--sigma-px", type=float, default=5.0)
+    s.add_argument("--w0", type=float, default=wts["w0"])
+    s.add_argument("--sigma-px", type=float, default=wts["sigma_px"])
     s.add_argument("--label-format", default="binary", choices=("binary", "instances"))
     s.set_defaults(func=cmd_weights)
 
     s = sub.add_parser("train", help="train the U-Net")
     s.add_argument("--datasets", required=True, help="JSON list of {name, raw, labels, weights, train, validate}")
-    s.add_argument("--model", default="{}", help="JSON of the model section")
-    s.add_argument("--train", default="{}", help="JSON of the train section")
-    s.add_argument("--run-config", help="JSON of the whole config, stored in the checkpoint")
+    s.add_argument("--model", default="{}", help="JSON of the model section (schema defaults for missing keys)")
+    s.add_argument("--train", default="{}", help="JSON of the train section (schema defaults for missing keys)")
+    s.add_argument("--run-config", help="JSON of the resolved config the model is trained with; stored in the "
+                                        "checkpoint and checked by predict")
     s.add_argument("--out", required=True)
-    s.add_argument("--resume", action="store_true", help="continue from OUT/last.pt if present")
+    s.add_argument("--resume", action="store_true",
+                   help="continue OUT/last.pt if it is an unfinished run on the same data and config")
     s.add_argument("--threads", type=int, default=os.cpu_count())
     s.add_argument("--cpu-processes", type=int, default=1, help="data-parallel CPU processes (gloo) without GPUs")
     s.add_argument("--no-progress", action="store_true")
@@ -228,19 +264,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--raw", required=True)
     s.add_argument("--checkpoint", required=True)
     s.add_argument("--model", help="JSON of the model section: refuse a checkpoint trained with another one")
+    s.add_argument("--run-config", help="JSON of the training config expected of the checkpoint (as train's "
+                                        "--run-config): another model is refused, other differences warned about")
     s.add_argument("--out", required=True)
-    s.add_argument("--tile-size", type=int, default=388)
-    s.add_argument("--chunks", default="1,512,512")
-    s.add_argument("--dtype", default="float16", choices=("float16", "float32", "uint8"))
-    s.add_argument("--tta", default="none")
-    s.add_argument("--shard", default="0/1", help="i/N: this job's share of the chunks")
-    s.add_argument("--device", default="auto")
-    s.add_argument("--precision", default="auto")
-    s.add_argument("--batch-size", default="auto",
+    s.add_argument("--tile-size", type=int, default=pred["tile_size"])
+    s.add_argument("--chunks", type=_ints, default=tuple(pred["chunks"]), help="Z,Y,X")
+    s.add_argument("--chunks-per-file", type=_ints, default=tuple(pred["chunks_per_file"]), help=CHUNKS_PER_FILE_HELP)
+    s.add_argument("--dtype", default=pred["dtype"], choices=("float16", "float32", "uint8"))
+    s.add_argument("--tta", default=pred["tta"])
+    s.add_argument("--shard", default="0/1", help="i/N: this job's share of the blocks")
+    s.add_argument("--device", default=pred["device"])
+    s.add_argument("--precision", default=pred["precision"], choices=("auto", "bf16", "fp16", "fp32"))
+    s.add_argument("--batch-size", default=str(pred["batch_size"]),
                    help="network inputs per forward pass (tiles x TTA transforms), or auto: chosen for the device")
-    s.add_argument("--chunks-per-file", help=CHUNKS_PER_FILE_HELP)
-    s.add_argument("--compile", action="store_true", help="torch.compile the network (falls back with a warning)")
-    s.add_argument("--workers", type=int, default=2, help="writer threads (compression runs there)")
+    s.add_argument("--compile", nargs="?", const="1", default="1" if pred["compile"] else "0", choices=("0", "1"),
+                   help="torch.compile the network (falls back with a warning); --compile 0 turns it off")
+    s.add_argument("--workers", type=int, default=pred["writers"], help="writer threads (compression runs there)")
     s.add_argument("--threads", type=int, default=os.cpu_count())
     s.add_argument("--overwrite", action="store_true", help="replace an output store of a different prediction")
     s.add_argument("--init-only", action="store_true", help="only create the output store (before the shards run)")
@@ -250,15 +289,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("gather", help="check all predict shards, build the pyramid, mark complete")
     s.add_argument("--out", required=True)
-    s.add_argument("--pyramid-levels", type=int, default=2)
+    s.add_argument("--pyramid-levels", type=int, default=pred["pyramid_levels"])
     s.add_argument("--done-file")
     s.set_defaults(func=cmd_gather)
 
     s = sub.add_parser("segment", help="threshold + connected components into an OME-Zarr label image")
     s.add_argument("--prob", required=True)
     s.add_argument("--out", required=True)
-    s.add_argument("--threshold", type=float, default=0.5)
-    s.add_argument("--connectivity", default="2d", choices=("2d", "3d"))
+    s.add_argument("--threshold", type=float, default=seg["threshold"])
+    s.add_argument("--connectivity", default=seg["connectivity"], choices=("2d", "3d"))
     s.add_argument("--workers", type=int, default=2)
     s.set_defaults(func=cmd_segment)
 
@@ -270,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out-slices", required=True)
     s.add_argument("--out-curves", required=True)
     s.add_argument("--out-plot")
-    s.add_argument("--workers", type=int, default=2)
+    s.add_argument("--workers", type=int, default=ev["workers"])
     s.add_argument("--membrane-probability", action="store_true", help="the map gives membrane probability")
     s.add_argument("--kind", default="probability", choices=("probability", "binary", "instances"))
     s.set_defaults(func=cmd_evaluate)
@@ -288,19 +327,33 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _synthetic_schema() -> dict:
+    from unet_pipeline.config import load_schema
+
+    return load_schema()["$defs"]["synthetic_stack"]["properties"]
+
+
 def main(argv: list[str] | None = None) -> int:
     # OpenMP threads that sleep between torch's operations instead of spinning:
     # the prediction's reader and writer threads need those cores (measured:
     # +20% data-path throughput on 2 cores, the same network speed). Set
     # before torch is imported; a value the user set wins.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
     except PipelineError as exc:
-        print(f"unet-pipeline {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        return _fail(args.command, str(exc))
+    except OSError as exc:  # a file that cannot be read or written: permissions, disk full, a missing folder
+        where = f"{exc.filename}: " if exc.filename else ""
+        return _fail(args.command, f"{where}{exc.strerror or exc}")
     return 0
+
+
+def _fail(command: str, message: str) -> int:
+    print(f"unet-pipeline {command}: error: {message}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

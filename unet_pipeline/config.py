@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import copy
 import difflib
+import functools
 import re
+from importlib import resources
 from pathlib import Path
 
 import jsonschema
@@ -16,12 +18,28 @@ import yaml
 
 from unet_pipeline.errors import ConfigError
 
-SCHEMA_PATH = Path(__file__).resolve().parents[1] / "workflow" / "schemas" / "config.schema.yaml"
+# Package data: the schema travels with the package, so a wheel install validates configs.
+SCHEMA = resources.files("unet_pipeline") / "schemas" / "config.schema.yaml"
+
+
+@functools.cache
+def _schema_text() -> str:
+    return SCHEMA.read_text()
 
 
 def load_schema() -> dict:
-    with open(SCHEMA_PATH) as fh:
-        return yaml.safe_load(fh)
+    return yaml.safe_load(_schema_text())
+
+
+def defaults(section: str) -> dict:
+    """The schema's defaults of one config section: the single place where defaults are written.
+
+    The CLI's option defaults and `TrainConfig` read them from here.
+    """
+    schema = load_schema()
+    values: dict = {}
+    _fill_defaults({"properties": {section: schema["properties"][section]}}, values)
+    return values[section]
 
 
 def parse_slices(spec, num_slices: int | None = None, where: str = "slices") -> list[int]:
@@ -106,13 +124,7 @@ def validate_config(config: dict) -> dict:
 
     model = UNetConfig(**config["model"])
     for section in ("train", "predict"):
-        size = config[section]["tile_size"]
-        if not model.is_valid_output_size(size):
-            lo, hi = model.nearest_valid_output_sizes(size)
-            raise ConfigError(
-                f"config key '{section}.tile_size': {size} is not a valid output tile for this network "
-                f"(depth {model.depth}, {model.padding} convolutions); nearest valid sizes: {lo} and {hi}"
-            )
+        model.check_output_size(config[section]["tile_size"], f"{section}.tile_size")
     return config
 
 

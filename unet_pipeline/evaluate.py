@@ -27,23 +27,31 @@ def open_stack(path):
     """An OME-Zarr written by this package (checked complete), or any TIFF/Zarr stack."""
     import zarr
 
-    from unet_pipeline.preprocess import StackSource
+    from unet_pipeline.io import StackSource
 
     try:
-        if isinstance(zarr.open(str(path), mode="r"), zarr.Group):
-            return io.open_ome_image(path)
-    except Exception:
-        pass
-    return StackSource(path)
+        is_group = isinstance(zarr.open(str(path), mode="r"), zarr.Group)
+    except io.ZARR_OPEN_ERRORS:
+        is_group = False  # a TIFF, a folder of TIFFs, or missing: StackSource says which
+    return io.open_ome_image(path) if is_group else StackSource(path)
+
+
+# float16 storage rounds probabilities just below 1 up by at most one ulp (2^-10);
+# anything farther outside [0, 1] is not a probability and is refused, not clipped.
+STORAGE_ROUNDING = 2.0 ** -10
 
 
 def _slice_stats(args):
     prob_path, labels_path, z, membrane, kind = args
     p = np.asarray(open_stack(prob_path)[z])
     gt = np.asarray(open_stack(labels_path)[z])
-    if kind == "probability" and p.dtype in (np.float16, np.float32, np.float64):
-        p = np.clip(p.astype(np.float64), 0.0, 1.0)  # float16 storage can round 1.0 up by an ulp
-    p = as_cell_probability(p, membrane, kind)[0]
+    if kind == "probability" and np.issubdtype(p.dtype, np.floating):
+        p = p.astype(np.float64)
+        p[(p > 1.0) & (p <= 1.0 + STORAGE_ROUNDING)] = 1.0
+    try:
+        p = as_cell_probability(p, membrane, kind)[0]
+    except InputError as exc:
+        raise InputError(f"{prob_path} (slice {z}): {exc}") from None
     return z, slice_statistics(np.where(gt > 0, 255.0, 0.0), p)
 
 

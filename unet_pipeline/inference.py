@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from unet_pipeline.checkpoint import model_from_checkpoint
+from unet_pipeline.checkpoint import check_training_config, model_from_checkpoint
 from unet_pipeline.device import autocast, resolve_device, resolve_dtype
 from unet_pipeline.errors import ConfigError
 from unet_pipeline.model import UNetConfig
@@ -113,9 +113,7 @@ class Predictor:
 
     def __post_init__(self):
         cfg = self.model.cfg
-        if not cfg.is_valid_output_size(self.max_tile):
-            lo, hi = cfg.nearest_valid_output_sizes(self.max_tile)
-            raise ConfigError(f"predict.tile_size {self.max_tile} is not a valid output tile; nearest valid: {lo} and {hi}")
+        cfg.check_output_size(self.max_tile, "predict.tile_size")
         self.model = self.model.to(self.device).eval()
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -209,13 +207,17 @@ class Predictor:
 def load_predictor(checkpoint: str | os.PathLike, device: str = "auto", precision: str = "auto",
                    tta="none", tile_size: int = 388, batch_size: int | None = None,
                    expected_model: UNetConfig | None = None, compile: bool = False,
-                   channels_last: bool = True) -> Predictor:
+                   channels_last: bool = True, expected_training: dict | None = None) -> Predictor:
     """The checkpoint's network ready to predict; refuses one that differs from `expected_model`.
 
+    `expected_training` (the resolved training config, as `stages.training_config`)
+    is compared with the one stored in the checkpoint (`check_training_config`).
     `batch_size` None picks one for the device (`auto_batch_size`).
     """
     dev = resolve_device(device)
-    model, _ = model_from_checkpoint(checkpoint, expected=expected_model, device=dev)
+    model, state = model_from_checkpoint(checkpoint, expected=expected_model, device=dev)
+    if expected_training is not None:
+        check_training_config(checkpoint, state, expected_training)
     return Predictor(model, dev, resolve_dtype(precision, dev), tta_transforms(tta), tile_size, batch_size,
                      channels_last=channels_last, compile=compile)
 

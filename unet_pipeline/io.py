@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
+import tifffile
 import zarr
 from zarr.codecs import BloscCodec, BloscShuffle
 
@@ -24,6 +25,9 @@ from unet_pipeline.errors import InputError
 
 TIFF_SUFFIXES = (".tif", ".tiff")
 COMPLETE_KEY = "unet_pipeline"
+# What opening a path that is not a (readable) Zarr store raises: missing or
+# unreadable files (OSError), zarr's own errors and bad JSON (ValueError).
+ZARR_OPEN_ERRORS = (OSError, ValueError, KeyError)
 
 
 # --------------------------------------------------------------------------- reading
@@ -31,12 +35,9 @@ def read_stack(path: str | os.PathLike) -> np.ndarray:
     """Read a whole (slices, y, x) stack into memory (TIFF, folder of TIFFs or Zarr).
 
     For small data (tests, synthetic stacks, validation slices); stages that
-    must scale stream slices through `preprocess.StackSource` instead.
+    must scale stream slices through `StackSource` instead.
     """
-    from unet_pipeline.preprocess import StackSource
-
-    source = StackSource(path)
-    return np.stack(list(source.slices()))
+    return np.stack(list(StackSource(path).slices()))
 
 
 def open_zarr_array(path: str | os.PathLike, level: str = "0") -> zarr.Array:
@@ -44,7 +45,7 @@ def open_zarr_array(path: str | os.PathLike, level: str = "0") -> zarr.Array:
     path = Path(path)
     try:
         node = zarr.open(str(path), mode="r")
-    except Exception as exc:  # zarr raises several types for a non-store
+    except ZARR_OPEN_ERRORS as exc:
         raise InputError(f"{path}: not a readable Zarr store ({exc}).") from exc
     if isinstance(node, zarr.Group):
         if level not in node:
@@ -63,6 +64,92 @@ def open_ome_image(path: str | os.PathLike, require_complete: bool = True) -> za
             f"{path}: this OME-Zarr is incomplete (its writer was interrupted); rerun the stage that writes it."
         )
     return open_zarr_array(path)
+
+
+# --------------------------------------------------------------------------- streaming input
+class StackSource:
+    """A (slices, y, x) stack read one slice at a time from TIFF, a TIFF folder or Zarr."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise InputError(f"{self.path}: file not found. Check the dataset path in the config.")
+        self._files: list[Path] | None = None
+        self._zarr = None
+        if self.path.suffix == ".zarr" or (self.path / "zarr.json").exists() or (self.path / ".zarray").exists():
+            self._zarr = open_zarr_array(self.path)
+            if self._zarr.ndim == 2:
+                self.shape = (1, *self._zarr.shape)
+            else:
+                self.shape = tuple(self._zarr.shape)
+            self.dtype = self._zarr.dtype
+        elif self.path.is_dir():
+            self._files = sorted(p for p in self.path.iterdir() if p.suffix.lower() in TIFF_SUFFIXES)
+            if not self._files:
+                raise InputError(f"{self.path}: folder holds no .tif/.tiff files; expected one file per slice.")
+            first = self._read_file(self._files[0])
+            self.shape = (len(self._files), *first.shape)
+            self.dtype = first.dtype
+        else:
+            # tifffile exposes a TIFF as a Zarr store: slices are read on demand
+            # whether the file has one page per slice or one shaped series.
+            try:
+                with tifffile.TiffFile(self.path) as tif:
+                    series = tif.series[0]
+                    axes, series_shape = series.axes, series.shape
+                self._zarr = zarr.open(tifffile.imread(self.path, aszarr=True), mode="r")
+            except (tifffile.TiffFileError, ValueError, OSError, IndexError, KeyError) as exc:
+                raise InputError(f"{self.path}: not a readable TIFF image ({exc}).") from exc
+            _refuse_channels(self.path, axes, series_shape)
+            shape = self._zarr.shape
+            self.dtype = self._zarr.dtype
+            self.shape = (1, *shape) if len(shape) == 2 else tuple(shape)
+        if len(self.shape) != 3:
+            raise InputError(f"{self.path}: expected a 2D image or a 3D stack (slices, y, x), got shape {self.shape}.")
+        if 0 in self.shape:
+            raise InputError(f"{self.path}: the stack is empty (shape {self.shape}).")
+        if not (np.issubdtype(self.dtype, np.integer) or np.issubdtype(self.dtype, np.floating) or self.dtype == bool):
+            raise InputError(f"{self.path}: unsupported pixel type {self.dtype}; use integer or float images.")
+
+    def _read_file(self, path: Path) -> np.ndarray:
+        try:
+            data = tifffile.imread(path)
+        except (tifffile.TiffFileError, ValueError, OSError) as exc:
+            raise InputError(f"{path}: not a readable TIFF image ({exc}).") from exc
+        if data.ndim == 3 and data.shape[-1] in (3, 4):
+            _refuse_channels(path, "YXS", data.shape)
+        if data.ndim != 2:
+            raise InputError(f"{path}: expected a single 2D slice per file, got shape {data.shape}.")
+        return data
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def slice(self, z: int) -> np.ndarray:
+        if self._zarr is not None:
+            data = np.asarray(self._zarr[z] if self._zarr.ndim == 3 else self._zarr[...])
+        else:
+            data = self._read_file(self._files[z])
+            if data.shape != tuple(self.shape[1:]):
+                raise InputError(f"{self._files[z]}: slice shape {data.shape} differs from the first slice {self.shape[1:]}.")
+        return data
+
+    def __getitem__(self, z: int) -> np.ndarray:
+        """Slice `z`, so that a source can stand in for an array indexed by slice."""
+        return self.slice(z)
+
+    def slices(self) -> Iterator[np.ndarray]:
+        for z in range(len(self)):
+            yield self.slice(z)
+
+
+def _refuse_channels(path: Path, axes: str, shape) -> None:
+    """EM stacks have one channel: an RGB or multi-channel TIFF would be read as (y, x, 3) slices."""
+    if "S" in axes or "C" in axes:
+        raise InputError(
+            f"{path}: is an RGB/multi-channel image (axes {axes}, shape {tuple(shape)}); the pipeline needs "
+            "single-channel (grayscale) EM slices: convert it, e.g. keep one channel or average them."
+        )
 
 
 # --------------------------------------------------------------------------- writing
@@ -117,12 +204,23 @@ def voxel_size(path: str | os.PathLike) -> tuple[float, float, float]:
         return tuple(float(v) for v in recorded) if recorded else (1.0, 1.0, 1.0)
 
 
+def _temporary_sibling(target: Path) -> Path:
+    """A fresh temporary name beside `target`; stale ones left by killed writers are removed first.
+
+    One writer at a time owns a target (Snakemake never runs two jobs for one
+    output), so any `.NAME.tmp-*` present when a new write starts is debris.
+    """
+    for stale in target.parent.glob(f".{target.name}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+    return target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
+
+
 @contextlib.contextmanager
 def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary sibling directory that replaces `target` only on success."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp = _temporary_sibling(target)
     try:
         yield tmp
         if target.exists():
@@ -133,13 +231,30 @@ def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def atomic_file(target: str | os.PathLike, durable: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling path; on success it replaces `target`, so readers see all or nothing.
+
+    `durable` fsyncs the file before the rename, for writes whose completion
+    is recorded elsewhere (a prediction block, a checkpoint).
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temporary_sibling(target)
+    try:
+        yield tmp
+        if durable:
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write a small text file so that readers see either nothing or all of it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        tmp.write_text(text)
 
 
 def create_ome_image(
@@ -265,7 +380,7 @@ def mark_complete(path: str | os.PathLike, attrs: dict) -> None:
 def is_complete(path: str | os.PathLike) -> bool:
     try:
         group = zarr.open_group(str(path), mode="r")
-    except Exception:
+    except ZARR_OPEN_ERRORS:
         return False
     return bool(group.attrs.get(COMPLETE_KEY, {}).get("complete", False))
 

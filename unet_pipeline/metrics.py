@@ -17,6 +17,8 @@ import numba
 import numpy as np
 from scipy import ndimage
 
+from unet_pipeline.errors import ConfigError, InputError
+
 FOUR_CONNECTED = ndimage.generate_binary_structure(2, 1)
 
 
@@ -50,24 +52,24 @@ def as_cell_probability(
     if p.ndim == 2:
         p = p[None]
     if p.ndim != 3:
-        raise ValueError(f"proposal must be 2D or 3D (slices, y, x), got shape {p.shape}")
+        raise InputError(f"proposal must be 2D or 3D (slices, y, x), got shape {p.shape}")
     if kind in ("binary", "instances"):
         p = (p != 0).astype(np.float64)
     elif kind != "probability":
-        raise ValueError(f"proposal kind must be probability, binary or instances, got {kind!r}")
+        raise ConfigError(f"proposal kind must be probability, binary or instances, got {kind!r}")
     elif p.dtype == np.uint8:
         p = p.astype(np.float64) / 255.0
     elif np.issubdtype(p.dtype, np.floating):
         p = p.astype(np.float64)
         if np.isnan(p).any():
-            raise ValueError("proposal contains NaN values")
+            raise InputError("proposal contains NaN values")
         if p.min() < 0.0 or p.max() > 1.0:
-            raise ValueError(
+            raise InputError(
                 f"proposal values must lie in [0, 1], found [{p.min():g}, {p.max():g}]; "
                 "convert 0-255 maps to uint8 or divide by 255"
             )
     else:
-        raise ValueError(f"proposal dtype {p.dtype} is not supported; use float in [0, 1] or uint8 0-255")
+        raise InputError(f"proposal dtype {p.dtype} is not supported; use float in [0, 1] or uint8 0-255")
     return 1.0 - p if membrane_probability else p
 
 
@@ -77,12 +79,12 @@ def as_ground_truth(labels: np.ndarray, shape: tuple[int, ...] | None = None) ->
     if gt.ndim == 2:
         gt = gt[None]
     if gt.ndim != 3:
-        raise ValueError(f"ground truth must be 2D or 3D, got shape {gt.shape}")
+        raise InputError(f"ground truth must be 2D or 3D, got shape {gt.shape}")
     if shape is not None and gt.shape != tuple(shape):
-        raise ValueError(f"ground truth shape {gt.shape} does not match proposal shape {tuple(shape)}")
+        raise InputError(f"ground truth shape {gt.shape} does not match proposal shape {tuple(shape)}")
     gt = gt.astype(np.float64)
     if np.isnan(gt).any():
-        raise ValueError("ground truth contains NaN values")
+        raise InputError("ground truth contains NaN values")
     return gt
 
 

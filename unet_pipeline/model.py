@@ -15,7 +15,10 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from unet_pipeline.config import defaults
 from unet_pipeline.errors import ConfigError
+
+_DEFAULTS = defaults("model")  # the config schema holds every default (the paper's network)
 
 
 @dataclass(frozen=True)
@@ -24,14 +27,14 @@ class UNetConfig:
 
     in_channels: int = 1
     num_classes: int = 2
-    depth: int = 4
-    base_channels: int = 64
-    padding: str = "valid"
-    batch_norm: bool = False
-    dropout: float = 0.5
+    depth: int = _DEFAULTS["depth"]
+    base_channels: int = _DEFAULTS["base_channels"]
+    padding: str = _DEFAULTS["padding"]
+    batch_norm: bool = _DEFAULTS["batch_norm"]
+    dropout: float = _DEFAULTS["dropout"]
     # Context kept around each output tile when padding == "same": convolutions
     # near a tile edge see zeros, so tiles overlap by this margin and are cropped.
-    same_halo_px: int = 32
+    same_halo_px: int = _DEFAULTS["same_halo_px"]
 
     def __post_init__(self):
         if self.padding not in ("valid", "same"):
@@ -88,38 +91,42 @@ class UNetConfig:
         """Smallest valid output side; every valid side is this plus a multiple of `size_step`."""
         return self.size_step if self.padding == "same" else self._valid_base()
 
-    def input_size(self, output_size: int) -> int:
-        """Input side that yields exactly `output_size`, or raise naming the nearest valid sizes."""
+    def input_size(self, output_size: int, key: str = "tile_size") -> int:
+        """Input side that yields exactly `output_size`, or ConfigError naming `key` and the nearest valid sizes."""
         if self.padding == "same":
             core = output_size
             if core % self.size_step:
-                raise self._invalid(output_size)
+                raise self._invalid(output_size, key)
             return core + 2 * self.same_halo_px
         size = output_size
         for _ in range(self.depth):
             size += 2 * self._conv_loss
             if size % 2:
-                raise self._invalid(output_size)
+                raise self._invalid(output_size, key)
             size //= 2
         size += 2 * self._conv_loss
         for _ in range(self.depth):
             size = 2 * size + 2 * self._conv_loss
         if size <= 0 or self.output_size(size) != output_size:
-            raise self._invalid(output_size)
+            raise self._invalid(output_size, key)
         return size
 
     def is_valid_output_size(self, output_size: int) -> bool:
         try:
             self.input_size(output_size)
             return True
-        except ValueError:
+        except ConfigError:
             return False
 
-    def _invalid(self, output_size: int) -> ValueError:
+    def check_output_size(self, output_size: int, key: str = "tile_size") -> None:
+        """The one check of a tile size (config, training, prediction): ConfigError naming `key`."""
+        self.input_size(output_size, key)
+
+    def _invalid(self, output_size: int, key: str) -> ConfigError:
         lo, hi = self.nearest_valid_output_sizes(output_size)
-        return ValueError(
-            f"output tile {output_size} px is not valid for a depth-{self.depth} U-Net with "
-            f"{self.padding} convolutions; nearest valid output sizes: {lo} and {hi}"
+        return ConfigError(
+            f"config key '{key}': {output_size} is not a valid output tile for this network (depth {self.depth}, "
+            f"{self.padding} convolutions); nearest valid sizes: {lo} and {hi}"
         )
 
     def nearest_valid_output_sizes(self, output_size: int) -> tuple[int, int]:

@@ -48,10 +48,12 @@ import zarr
 from tqdm import tqdm
 
 from unet_pipeline import __version__, io
+from unet_pipeline.blockstore import CompletionLog, block_file, block_grid, finish_store
 from unet_pipeline.checkpoint import file_sha256
 from unet_pipeline.errors import ConfigError, InputError
-from unet_pipeline.inference import Predictor, load_predictor, stack_tiles, tta_transforms  # noqa: F401
+from unet_pipeline.inference import Predictor, stack_tiles
 from unet_pipeline.preprocess import Normaliser
+from unet_pipeline.provenance import derive_fingerprint, store_fingerprint
 from unet_pipeline.shardwrite import ShardEncoder, write_shard
 from unet_pipeline.tiling import Box, ChunkGrid, ChunkPlan, mirror_indices
 
@@ -77,41 +79,6 @@ def _inject_fault(blocks_done: int) -> None:
             return
         os.close(fd)
     raise RuntimeError(f"injected fault after {fail_after} blocks ({FAULT_ENV})")
-
-
-# --------------------------------------------------------------------------- completion records
-class CompletionLog:
-    """Finished blocks of a prediction store: append-only text files, one per job.
-
-    One line `z y x` per block, written and fsync'ed after the block's own
-    file is durable. A line cut short by a kill has no newline and is
-    ignored. Jobs never share a file, so no locking across processes is
-    needed, and a store holds as many record files as jobs ran on it.
-    """
-
-    def __init__(self, store: str | os.PathLike, job: str):
-        self.dir = Path(store) / PROGRESS_DIR
-        self.dir.mkdir(exist_ok=True)
-        self._file = open(self.dir / f"{job}.log", "a")
-        self._lock = threading.Lock()
-
-    def record(self, index: tuple[int, ...]) -> None:
-        with self._lock:
-            self._file.write(" ".join(map(str, index)) + "\n")
-            self._file.flush()
-            os.fsync(self._file.fileno())
-
-    def close(self) -> None:
-        self._file.close()
-
-    @staticmethod
-    def finished(store: str | os.PathLike) -> set[tuple[int, ...]]:
-        done = set()
-        for path in (Path(store) / PROGRESS_DIR).glob("*.log"):
-            for line in path.read_text().splitlines(keepends=True):
-                if line.endswith("\n") and line.strip():
-                    done.add(tuple(int(v) for v in line.split()))
-        return done
 
 
 # --------------------------------------------------------------------------- output store
@@ -153,19 +120,9 @@ def open_output(out_path: Path, shape, chunks, chunks_per_file, out_dtype: str, 
 def _is_ours(path: Path, signature: dict) -> bool:
     try:
         group = zarr.open_group(str(path), mode="r")
-    except (FileNotFoundError, zarr.errors.NodeTypeValidationError, ValueError):
+    except io.ZARR_OPEN_ERRORS:
         return False
     return dict(group.attrs.get("predict", {})) == signature
-
-
-def block_shape(array: zarr.Array) -> tuple[int, ...]:
-    """The unit of one write: a Zarr shard (one file), or a chunk when the array is not sharded."""
-    return tuple(array.shards or array.chunks)
-
-
-def _block_file(store: Path, index: tuple[int, ...]) -> Path:
-    """The file of block `index` of level 0 (Zarr v3 default chunk keys: a shard's or chunk's grid index)."""
-    return store / "0" / "c" / Path(*map(str, index))
 
 
 # --------------------------------------------------------------------------- strips
@@ -411,7 +368,7 @@ class _Pipeline:
         try:
             if event is not None:
                 event.synchronize()
-            path = _block_file(self.out_path, block.index)
+            path = block_file(self.out_path, block.index)
             if self.encoder is not None:
                 write_shard(path, self.encoder.encode(host.numpy(), block.index))
             else:
@@ -553,7 +510,7 @@ def predict_volume(
     normalise = Normaliser.from_attrs(attrs, str(raw_path))
     block = io.shard_shape(raw.shape, chunks, chunks_per_file) or tuple(chunks)
     signature = _store_signature(raw_path, raw.shape, chunks, block, out_dtype, file_sha256(checkpoint), tta,
-                                 precision, io.voxel_size(raw_path), attrs.get("fingerprint"))
+                                 precision, io.voxel_size(raw_path), store_fingerprint(raw_path))
     if io.is_complete(out_path) and _is_ours(out_path, signature):
         return PredictStats(extra={"already_complete": True})
     if io.is_complete(out_path) and not overwrite:
@@ -561,7 +518,7 @@ def predict_volume(
     out = open_output(out_path, raw.shape, chunks, chunks_per_file, out_dtype, signature, overwrite)
     if init_only:
         return PredictStats(extra={"initialised": str(out_path)})
-    grid = ChunkGrid(tuple(raw.shape), block_shape(out))
+    grid = block_grid(out)
     mine = shard_strips(plan_strips(grid, raw.chunks[0]), *shard)
     finished = CompletionLog.finished(out_path)
     total = sum(len(s) for s in mine)
@@ -595,19 +552,13 @@ def gather(out_path: str | os.PathLike, pyramid_levels: int = 2, provenance: dic
         raise InputError(f"{out_path}: no prediction store; run the predict shards first.")
     if io.is_complete(out_path):
         return
-    group = zarr.open_group(str(out_path), mode="r+")
-    signature = dict(group.attrs.get("predict", {}))
+    signature = dict(zarr.open_group(str(out_path), mode="r").attrs.get("predict", {}))
     if not signature:
         raise InputError(f"{out_path}: not a prediction store of this pipeline (no 'predict' attributes).")
-    grid = ChunkGrid(tuple(group["0"].shape), block_shape(group["0"]))
-    missing = grid.num_chunks - len(CompletionLog.finished(out_path) & set(grid.indices()))
-    if missing:
-        raise InputError(f"{out_path}: {missing} of {grid.num_chunks} blocks are not predicted yet; "
-                         "rerun the missing shards.")
-    io.build_pyramid(out_path, pyramid_levels, voxel_size=signature["voxel_size"], name="cell_probability")
-    io.mark_complete(out_path, {**signature, **(provenance or {}), "content": "cell probability (high = cell)",
-                                "package_version": __version__})
-    shutil.rmtree(out_path / PROGRESS_DIR, ignore_errors=True)
+    attrs = {**signature, **(provenance or {}), "content": "cell probability (high = cell)",
+             "package_version": __version__, "fingerprint": derive_fingerprint(signature)}
+    finish_store(out_path, pyramid_levels, signature["voxel_size"], "cell_probability", attrs,
+                 "rerun the missing shards")
 
 
 def parse_shard(text: str) -> tuple[int, int]:

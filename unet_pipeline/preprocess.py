@@ -11,86 +11,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Iterator
 
 import numpy as np
-import tifffile
-import zarr
 
 from unet_pipeline import io
+from unet_pipeline.io import StackSource
+from unet_pipeline.provenance import KEY as FINGERPRINT, ContentHash
 from unet_pipeline.errors import InputError
-
-
-# --------------------------------------------------------------------------- streaming input
-class StackSource:
-    """A (slices, y, x) stack read one slice at a time from TIFF, a TIFF folder or Zarr."""
-
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-        if not self.path.exists():
-            raise InputError(f"{self.path}: file not found. Check the dataset path in the config.")
-        self._files: list[Path] | None = None
-        self._zarr = None
-        if self.path.suffix == ".zarr" or (self.path / "zarr.json").exists() or (self.path / ".zarray").exists():
-            self._zarr = io.open_zarr_array(self.path)
-            if self._zarr.ndim == 2:
-                self.shape = (1, *self._zarr.shape)
-            else:
-                self.shape = tuple(self._zarr.shape)
-            self.dtype = self._zarr.dtype
-        elif self.path.is_dir():
-            self._files = sorted(p for p in self.path.iterdir() if p.suffix.lower() in io.TIFF_SUFFIXES)
-            if not self._files:
-                raise InputError(f"{self.path}: folder holds no .tif/.tiff files; expected one file per slice.")
-            first = self._read_file(self._files[0])
-            self.shape = (len(self._files), *first.shape)
-            self.dtype = first.dtype
-        else:
-            # tifffile exposes a TIFF as a Zarr store: slices are read on demand
-            # whether the file has one page per slice or one shaped series.
-            try:
-                self._zarr = zarr.open(tifffile.imread(self.path, aszarr=True), mode="r")
-            except (tifffile.TiffFileError, ValueError, OSError, IndexError, KeyError) as exc:
-                raise InputError(f"{self.path}: not a readable TIFF image ({exc}).") from exc
-            shape = self._zarr.shape
-            self.dtype = self._zarr.dtype
-            self.shape = (1, *shape) if len(shape) == 2 else tuple(shape)
-        if len(self.shape) != 3:
-            raise InputError(f"{self.path}: expected a 2D image or a 3D stack (slices, y, x), got shape {self.shape}.")
-        if 0 in self.shape:
-            raise InputError(f"{self.path}: the stack is empty (shape {self.shape}).")
-        if not (np.issubdtype(self.dtype, np.integer) or np.issubdtype(self.dtype, np.floating) or self.dtype == bool):
-            raise InputError(f"{self.path}: unsupported pixel type {self.dtype}; use integer or float images.")
-
-    def _read_file(self, path: Path) -> np.ndarray:
-        try:
-            data = tifffile.imread(path)
-        except (tifffile.TiffFileError, ValueError, OSError) as exc:
-            raise InputError(f"{path}: not a readable TIFF image ({exc}).") from exc
-        if data.ndim != 2:
-            raise InputError(f"{path}: expected a single 2D slice per file, got shape {data.shape}.")
-        return data
-
-    def __len__(self) -> int:
-        return self.shape[0]
-
-    def slice(self, z: int) -> np.ndarray:
-        if self._zarr is not None:
-            data = np.asarray(self._zarr[z] if self._zarr.ndim == 3 else self._zarr[...])
-        else:
-            data = self._read_file(self._files[z])
-            if data.shape != tuple(self.shape[1:]):
-                raise InputError(f"{self._files[z]}: slice shape {data.shape} differs from the first slice {self.shape[1:]}.")
-        return data
-
-    def __getitem__(self, z: int) -> np.ndarray:
-        """Slice `z`, so that a source can stand in for an array indexed by slice."""
-        return self.slice(z)
-
-    def slices(self) -> Iterator[np.ndarray]:
-        for z in range(len(self)):
-            yield self.slice(z)
 
 
 # --------------------------------------------------------------------------- normalisation
@@ -196,8 +123,11 @@ def preprocess(
         with io.atomic_directory(out_raw) as tmp:
             arr = io.create_ome_image(tmp, raw.shape, raw.dtype, chunks, voxel_size, name="raw",
                                      chunks_per_file=chunks_per_file)
+            content = ContentHash()
             for z, plane in enumerate(raw.slices()):
                 arr[z] = plane
+                content.update(plane)
+            attrs[FINGERPRINT] = content.hexdigest()
             arr.attrs["normalisation"] = attrs["normalisation"]  # beside the data, for other readers
             io.build_pyramid(tmp, 2, voxel_size=voxel_size, name="raw")
             io.mark_complete(tmp, attrs)
@@ -206,8 +136,11 @@ def preprocess(
         with io.atomic_directory(out_labels) as tmp:
             arr = io.create_ome_image(tmp, labels.shape, dtype, chunks, voxel_size, name="labels",
                                      chunks_per_file=chunks_per_file)
+            content = ContentHash()
             for z, plane in enumerate(labels.slices()):
-                arr[z] = check_labels(plane, f"{labels_path} (slice {z})", label_format)
+                arr[z] = stored = check_labels(plane, f"{labels_path} (slice {z})", label_format)
+                content.update(stored)
             io.build_pyramid(tmp, 2, label=True, voxel_size=voxel_size, name="labels")
-            io.mark_complete(tmp, {"source": str(labels_path), "label_format": label_format})
+            io.mark_complete(tmp, {"source": str(labels_path), "label_format": label_format,
+                                   FINGERPRINT: content.hexdigest()})
     return attrs

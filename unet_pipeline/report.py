@@ -9,17 +9,16 @@ from pathlib import Path
 import numpy as np
 
 from unet_pipeline import io
+from unet_pipeline.errors import InputError
 
 
 def save_figure(fig, path: str | os.PathLike, dpi: int = 90) -> None:
     """Write a figure as PNG atomically (temporary file + rename) and close it."""
     import matplotlib.pyplot as plt
 
-    path = Path(path)
-    tmp = path.with_name(f".tmp-{path.name}")
-    fig.savefig(tmp, dpi=dpi, format="png")
+    with io.atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def plot_training(log_csv: Path, out_png: Path) -> None:
@@ -30,6 +29,9 @@ def plot_training(log_csv: Path, out_png: Path) -> None:
 
     with open(log_csv) as fh:
         rows = list(csv.DictReader(fh))
+    if not rows:
+        raise InputError(f"{log_csv}: the training log has no rows; run the train stage (it logs every "
+                         "train.log_every steps).")
     steps = [int(r["step"]) for r in rows]
     loss = np.array([float(r["loss"]) for r in rows])
     fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))

@@ -21,9 +21,9 @@ from scipy import ndimage
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from unet_pipeline import io
+from unet_pipeline import io, provenance
+from unet_pipeline.blockstore import block_grid
 from unet_pipeline.errors import ConfigError
-from unet_pipeline.tiling import ChunkGrid
 
 
 def structure(connectivity: str) -> np.ndarray:
@@ -48,7 +48,7 @@ def label_chunked(prob: zarr.Array, out: zarr.Array, threshold: float = 0.5, con
     A block is one Zarr shard of `out` (one file): two threads never write
     into the same file.
     """
-    grid = ChunkGrid(tuple(prob.shape), tuple(out.shards or out.chunks))
+    grid = block_grid(out)
     struct = structure(connectivity)
     indices = list(grid.indices())
 
@@ -119,6 +119,8 @@ def segment(prob_path: str | os.PathLike, out_path: str | os.PathLike, threshold
                                   chunks_per_file=per_file)
         count = label_chunked(prob, out, threshold, connectivity, workers)
         io.build_pyramid(tmp, 2, label=True, voxel_size=voxel_size, name="segmentation")
-        io.mark_complete(tmp, {"source": str(Path(prob_path)), "threshold": threshold,
-                               "connectivity": connectivity, "cells": count})
+        settings = {"threshold": threshold, "connectivity": connectivity}
+        fingerprint = provenance.derive_fingerprint("segment", provenance.store_fingerprint(prob_path), settings)
+        io.mark_complete(tmp, {"source": str(Path(prob_path)), **settings, "cells": count,
+                               provenance.KEY: fingerprint})
     return count

@@ -17,7 +17,6 @@ and the tests read every shard written here back through zarr.
 from __future__ import annotations
 
 import itertools
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +26,8 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec
 from zarr.codecs.sharding import ShardingCodecIndexLocation
+
+from unet_pipeline.io import atomic_file
 
 EMPTY = np.uint64(2**64 - 1)
 _SHUFFLE = {"noshuffle": numcodecs.Blosc.NOSHUFFLE, "shuffle": numcodecs.Blosc.SHUFFLE,
@@ -91,10 +92,5 @@ class ShardEncoder:
 
 def write_shard(path: Path, payload: bytes) -> None:
     """Write a shard file and make it durable (the caller records completion only afterwards)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(payload)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    with atomic_file(path, durable=True) as tmp:
+        tmp.write_bytes(payload)

@@ -100,9 +100,7 @@ def tile_axis(begin: int, end: int, max_tile: int, cfg: UNetConfig) -> AxisTilin
     """
     if end <= begin:
         raise ValueError("empty axis range")
-    if not cfg.is_valid_output_size(max_tile):
-        lo, hi = cfg.nearest_valid_output_sizes(max_tile)
-        raise ValueError(f"tile size {max_tile} is not valid for this network; nearest valid sizes: {lo} and {hi}")
+    cfg.check_output_size(max_tile)
     period = cfg.size_step
     residue = cfg.min_output_size % period
     max_stride = (max_tile - residue) // period * period

@@ -18,7 +18,9 @@ data-parallel and rank 0 validates, logs and saves.
 from __future__ import annotations
 
 import csv
+import logging
 import math
+import shutil
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -33,34 +35,39 @@ from tqdm import tqdm
 from unet_pipeline import io
 from unet_pipeline.augment import AugmentConfig, sample_tiles
 from unet_pipeline.checkpoint import load_checkpoint, save_checkpoint
+from unet_pipeline.config import defaults
 from unet_pipeline.device import autocast, resolve_device, resolve_dtype
 from unet_pipeline.errors import ConfigError, InputError
 from unet_pipeline.metrics import aggregate, slice_statistics
 from unet_pipeline.model import UNet, UNetConfig
 from unet_pipeline.inference import Predictor
 from unet_pipeline.preprocess import Normaliser
+from unet_pipeline.provenance import ContentHash, derive_fingerprint
+
+log = logging.getLogger(__name__)
 
 LOG_FIELDS = ["step", "loss", "lr", "seconds", "val_loss", "val_pixel_error", "val_rand_error"]
 
 
+_DEFAULTS = defaults("train")  # the config schema holds every default
+
+
 @dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 2000
-    tile_size: int = 132            # output tile side; the input is tile + 2 * context margin
-    batch_size: int = 1
-    optimizer: str = "sgd"
-    learning_rate: float = 0.002    # for SGD with momentum 0.99 on the mean-per-pixel loss
-    momentum: float = 0.99
-    weight_decay: float = 0.0
-    lr_schedule: str = "constant"   # constant | cosine | step
-    validate_every: int = 250
-    checkpoint_every: int = 250
-    log_every: int = 10             # steps between loss reads: each one waits for the device
-    seed: int = 0
-    device: str = "auto"
-    precision: str = "auto"
-    w0: float = 10.0
-    sigma_px: float = 5.0
+    steps: int = _DEFAULTS["steps"]
+    tile_size: int = _DEFAULTS["tile_size"]          # output tile side; the input is tile + 2 * context margin
+    batch_size: int = _DEFAULTS["batch_size"]
+    optimizer: str = _DEFAULTS["optimizer"]
+    learning_rate: float = _DEFAULTS["learning_rate"]  # for SGD with momentum 0.99 on the mean-per-pixel loss
+    momentum: float = _DEFAULTS["momentum"]
+    weight_decay: float = _DEFAULTS["weight_decay"]
+    lr_schedule: str = _DEFAULTS["lr_schedule"]      # constant | cosine | step
+    validate_every: int = _DEFAULTS["validate_every"]
+    checkpoint_every: int = _DEFAULTS["checkpoint_every"]
+    log_every: int = _DEFAULTS["log_every"]          # steps between loss reads: each one waits for the device
+    seed: int = _DEFAULTS["seed"]
+    device: str = _DEFAULTS["device"]
+    precision: str = _DEFAULTS["precision"]
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def __post_init__(self):
@@ -88,6 +95,13 @@ class SliceSet:
     images: np.ndarray
     labels: np.ndarray
     weights: np.ndarray
+
+    def fingerprint(self) -> str:
+        """Checksum of the images, labels and weights: what a checkpoint was trained on."""
+        content = ContentHash()
+        for array in (self.images, self.labels, self.weights):
+            content.update(array)
+        return content.hexdigest()
 
     @classmethod
     def concatenate(cls, parts: list["SliceSet"]) -> "SliceSet":
@@ -162,20 +176,11 @@ def _set_rng_state(state: dict, gen: torch.Generator) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _read_log(path: Path, up_to_step: int) -> list[dict]:
-    if not path.exists():
-        return []
-    with open(path) as fh:
-        return [row for row in csv.DictReader(fh) if int(row["step"]) <= up_to_step]
-
-
 def _write_log(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as fh:
+    with io.atomic_file(path) as tmp, open(tmp, "w", newline="") as fh:
         writer = csv.DictWriter(fh, LOG_FIELDS)
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(tmp, path)
 
 
 def train(
@@ -191,10 +196,19 @@ def train(
 ) -> Path:
     """Train and return the path of the best model checkpoint (`model.pt` in out_dir).
 
-    out_dir receives `last.pt` (for resuming), `model.pt` (best by validation
-    Rand error, or last if there is no validation set) and `training_log.csv`.
+    out_dir receives `last.pt` (for resuming), `best.pt` (best by validation
+    Rand error so far), and when the run is finished `model.pt` (the best, or
+    the last without a validation set) and `training_log.csv`.
     `max_steps_now` stops after that many steps of this call (to fit a job's
     time limit); a later call with `resume=True` continues exactly.
+
+    Resuming continues `last.pt` only if it is unfinished and was trained on
+    the same data (checksum of images, labels and weight maps) with the same
+    model and train config: anything else starts a new run, so that new data
+    or weights are never silently mixed into an old run, and a finished run
+    is trained again rather than "resumed" for zero steps. The log rows live
+    in the checkpoint too, so a resumed run's log is whole even when the
+    workflow removed `training_log.csv` before rerunning the job.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -214,12 +228,14 @@ def train(
     opt, sched = _make_optimizer(model, cfg)
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and dtype == torch.float16)
     step, best = 0, math.inf
-    last_path, best_path, log_path = out_dir / "last.pt", out_dir / "model.pt", out_dir / "training_log.csv"
-    state = load_checkpoint(last_path) if resume and last_path.exists() else None
-    if state is not None and (state["model_config"] != model_cfg.to_dict() or state["train_config"] != cfg.to_dict()):
-        # A changed config means a new experiment: resuming would mix two runs.
-        print(f"{last_path}: written with another model/train config; starting a new run", flush=True)
-        state = None
+    last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
+    model_path, log_path = out_dir / "model.pt", out_dir / "training_log.csv"
+    fingerprint = derive_fingerprint(
+        "train", model_cfg.to_dict(), cfg.to_dict(), train_data.fingerprint(),
+        val_data.fingerprint() if val_data is not None else None,
+    )
+    state = _resumable(last_path, fingerprint, cfg.steps) if resume else None
+    log_rows: list[dict] = []
     if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
@@ -227,7 +243,11 @@ def train(
         scaler.load_state_dict(state["scaler"])
         step, best = state["step"], state["best_val_rand_error"]
         _set_rng_state(state["rng"], gen)
-    log_rows = _read_log(log_path, step) if rank == 0 else []
+        log_rows = list(state["log"])
+        log.info("%s: resuming at step %d of %d", last_path, step, cfg.steps)
+    elif rank == 0:
+        for stale in (best_path, model_path, log_path):  # another run's results must not outlive it
+            stale.unlink(missing_ok=True)
     net = torch.nn.parallel.DistributedDataParallel(model) if distributed else model
 
     images = torch.from_numpy(train_data.images.astype(np.float32, copy=False)).to(device)
@@ -239,7 +259,7 @@ def train(
             "model": model.state_dict(), "model_config": model_cfg.to_dict(), "optimizer": opt.state_dict(),
             "scheduler": sched.state_dict(), "scaler": scaler.state_dict(), "step": step,
             "best_val_rand_error": best, "rng": _rng_state(gen), "train_config": cfg.to_dict(),
-            "config": run_config or {},
+            "config": run_config or {}, "fingerprint": fingerprint, "log": log_rows,
         })
 
     net.train()
@@ -281,8 +301,8 @@ def train(
         if validating:
             scores = validate(model, val_data, device, dtype, cfg.tile_size)
             row.update(scores)
-            bar.write(f"step {step}: validation rand error {scores['val_rand_error']:.4f}, "
-                      f"pixel error {scores['val_pixel_error']:.4f}")
+            log.info("step %d: validation rand error %.4f, pixel error %.4f", step, scores["val_rand_error"],
+                     scores["val_pixel_error"])
             if scores["val_rand_error"] < best:
                 best = scores["val_rand_error"]
                 checkpoint(best_path)
@@ -293,10 +313,27 @@ def train(
     bar.close()
     if rank == 0:
         checkpoint(last_path)
-        if step == cfg.steps and (val_data is None or not best_path.exists()):
-            checkpoint(best_path)
+        if step == cfg.steps:
+            if val_data is None or not best_path.exists():
+                checkpoint(best_path)
+            with io.atomic_file(model_path) as tmp:  # the run's product appears only when it is finished
+                shutil.copyfile(best_path, tmp)
         _write_log(log_path, log_rows)
-    return best_path
+    return model_path
+
+
+def _resumable(last_path: Path, fingerprint: str, steps: int) -> dict | None:
+    """`last.pt` if it is an unfinished run on the same data and config; else None (with the reason logged)."""
+    if not last_path.exists():
+        return None
+    state = load_checkpoint(last_path)
+    if state.get("fingerprint") != fingerprint:
+        log.info("%s: trained on other data or with another config; starting a new run", last_path)
+        return None
+    if state["step"] >= steps:
+        log.info("%s: that run is finished (step %d); training again from the start", last_path, state["step"])
+        return None
+    return state
 
 
 def train_worker(rank: int, world_size: int, port: int, kwargs: dict) -> None:

@@ -149,11 +149,14 @@ def write_weights(labels_path, out_path, w0: float = 10.0, sigma_px: float = 5.0
     Slices larger than `chunk_px` on a side are computed chunk by chunk with
     a halo (identical result), bounding the distance-transform memory.
     """
-    from unet_pipeline import io
+    from unet_pipeline import io, provenance
 
     labels = io.open_ome_image(labels_path)
-    attrs = {"source": str(labels_path), "w0": w0, "sigma_px": sigma_px,
-             "class_balance": "w_c = N / (2 N_c) per slice", "tolerance": 1e-6}
+    settings = {"w0": w0, "sigma_px": sigma_px, "class_balance": "w_c = N / (2 N_c) per slice", "tolerance": 1e-6,
+                "label_format": label_format}
+    attrs = {"source": str(labels_path), **settings,
+             provenance.KEY: provenance.derive_fingerprint("weights", provenance.store_fingerprint(labels_path),
+                                                           settings)}
     with io.atomic_directory(out_path) as tmp:
         per_file = io.chunks_per_shard(labels)
         out = io.create_ome_image(tmp, labels.shape, np.float32, labels.chunks, io.voxel_size(labels_path),

@@ -3,19 +3,32 @@ import json
 import math
 import os
 
+from unet_pipeline import stages
+
 R = config["results_dir"]
 DATASETS = config["datasets"]
 
 
-def has_slices(ds, key):
-    return ds.get(key) not in (None, [], "none")
-
-
 LABELLED = [n for n, d in DATASETS.items() if "labels" in d]
-TRAINING = [n for n, d in DATASETS.items() if has_slices(d, "train") or has_slices(d, "validate")]
+TRAINING = stages.training_datasets(config)
 PREDICTED = [n for n, d in DATASETS.items() if d.get("predict", True)]
-EVALUATED = [n for n in PREDICTED if n in LABELLED and has_slices(DATASETS[n], "test")]
+EVALUATED = [n for n in PREDICTED if n in LABELLED and stages.has_slices(DATASETS[n], "test")]
 SHARDS = config["predict"]["shards"]
+
+
+wildcard_constraints:
+    dataset=r"[A-Za-z0-9_.-]+",
+    name=r"[A-Za-z0-9_.-]+",
+    shard=r"\d+",
+
+
+def logged(command):
+    """`command` with its output in the rule's log; on failure the log's last lines reach the terminal.
+
+    Stages write one sentence for a user error (CLI exit status 2): without
+    this, a user would see only Snakemake's "non-zero exit status" block.
+    """
+    return f"{command} > {{log}} 2>&1 || {{{{ status=$?; tail -n 5 {{log}} >&2; exit $status; }}}}"
 
 
 def raw_source(wildcards):
@@ -24,21 +37,6 @@ def raw_source(wildcards):
 
 def labels_source(wildcards):
     return DATASETS[wildcards.dataset]["labels"]
-
-
-def training_datasets_json():
-    """The train CLI's --datasets argument: every dataset with train/validate slices."""
-    return json.dumps([
-        {
-            "name": n,
-            "raw": f"{R}/{n}/raw.ome.zarr",
-            "labels": f"{R}/{n}/labels.ome.zarr",
-            "weights": f"{R}/{n}/weights.ome.zarr",
-            "train": DATASETS[n].get("train"),
-            "validate": DATASETS[n].get("validate"),
-        }
-        for n in TRAINING
-    ])
 
 
 def report_example():

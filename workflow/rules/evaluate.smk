@@ -9,8 +9,8 @@ rule evaluate:
         curves=f"{R}/{{dataset}}/metrics/curves.csv",
         plot=f"{R}/{{dataset}}/metrics/curves.png",
     params:
-        prob=f"{R}/{{dataset}}/probabilities.ome.zarr",
-        slices=lambda w: json.dumps(DATASETS[w.dataset]["test"]) if isinstance(DATASETS[w.dataset]["test"], list) else DATASETS[w.dataset]["test"],
+        args=lambda w: stages.evaluate(config, w.dataset),
+        prob=lambda w, input: input.done.replace(".done", ".ome.zarr"),
     log:
         f"{R}/logs/evaluate/{{dataset}}.log",
     benchmark:
@@ -21,6 +21,8 @@ rule evaluate:
         runtime=60,
         **cluster_resources(gpu=False),
     shell:
-        "unet-pipeline evaluate --prob {params.prob} --labels {input.labels} --slices '{params.slices}'"
-        " --out-json {output.json} --out-slices {output.slices} --out-curves {output.curves}"
-        " --out-plot {output.plot} --workers {threads} > {log} 2>&1"
+        logged(
+            "unet-pipeline evaluate --prob {params.prob} --labels {input.labels} {params.args}"
+            " --out-json {output.json} --out-slices {output.slices} --out-curves {output.curves}"
+            " --out-plot {output.plot} --workers {threads}"
+        )

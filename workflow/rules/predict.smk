@@ -1,23 +1,13 @@
-PRED = config["predict"]
-PREDICT_ARGS = (
-    "--tile-size {PRED[tile_size]} --chunks {params.chunks} --chunks-per-file {params.chunks_per_file}"
-    " --dtype {PRED[dtype]} --tta {PRED[tta]} --device {PRED[device]} --precision {PRED[precision]}"
-    " --batch-size {PRED[batch_size]} --workers {PRED[writers]}" + (" --compile" if PRED["compile"] else "")
-)
-
-
 rule predict_init:
-    """Create the probability store once, replacing one left by another model or config."""
+    """Create the probability store once, replacing one left by another input, model or config."""
     input:
         raw=f"{R}/{{dataset}}/raw.ome.zarr",
         model=f"{R}/model/model.pt",
     output:
         init=f"{R}/{{dataset}}/predict/init.json",
     params:
-        out=f"{R}/{{dataset}}/probabilities.ome.zarr",
-        chunks=",".join(map(str, PRED["chunks"])),
-        chunks_per_file=",".join(map(str, PRED["chunks_per_file"])),
-        model=json.dumps(config["model"]),
+        args=stages.predict(config),
+        out=lambda w, output: os.path.join(os.path.dirname(os.path.dirname(output.init)), "probabilities.ome.zarr"),
     log:
         f"{R}/logs/predict_init/{{dataset}}.log",
     benchmark:
@@ -28,9 +18,10 @@ rule predict_init:
         runtime=10,
         **cluster_resources(gpu=False),
     shell:
-        "unet-pipeline predict --raw {input.raw} --checkpoint {input.model} --model '{params.model}'"
-        " --out {params.out} " + PREDICT_ARGS + " --init-only --overwrite"
-        " --summary {output.init} > {log} 2>&1"
+        logged(
+            "unet-pipeline predict --raw {input.raw} --checkpoint {input.model} --out {params.out} {params.args}"
+            " --init-only --overwrite --summary {output.init}"
+        )
 
 
 rule predict:
@@ -42,10 +33,9 @@ rule predict:
     output:
         summary=f"{R}/{{dataset}}/predict/shard-{{shard}}-of-{SHARDS}.json",
     params:
-        out=f"{R}/{{dataset}}/probabilities.ome.zarr",
-        chunks=",".join(map(str, PRED["chunks"])),
-        chunks_per_file=",".join(map(str, PRED["chunks_per_file"])),
-        model=json.dumps(config["model"]),
+        args=stages.predict(config),
+        out=lambda w, input: os.path.join(os.path.dirname(os.path.dirname(input.init)), "probabilities.ome.zarr"),
+        shard=lambda w: f"{w.shard}/{SHARDS}",
     log:
         f"{R}/logs/predict/{{dataset}}-{{shard}}.log",
     benchmark:
@@ -55,11 +45,14 @@ rule predict:
         mem_mb=predict_mem_mb,
         runtime=predict_runtime_min,
         gpu=1,
+        **stages.predict_speed(config),
         **cluster_resources(gpu=True),
     shell:
-        "unet-pipeline predict --raw {input.raw} --checkpoint {input.model} --model '{params.model}' --out {params.out}"
-        " --shard {wildcards.shard}/{SHARDS} " + PREDICT_ARGS + " --threads {threads}"
-        " --summary {output.summary} --no-progress > {log} 2>&1"
+        logged(
+            "unet-pipeline predict --raw {input.raw} --checkpoint {input.model} --out {params.out} {params.args}"
+            " --shard {params.shard} --batch-size {resources.predict_batch} --workers {resources.predict_writers}"
+            " --compile {resources.predict_compile} --threads {threads} --summary {output.summary} --no-progress"
+        )
 
 
 rule predict_gather:
@@ -69,7 +62,8 @@ rule predict_gather:
     output:
         done=f"{R}/{{dataset}}/probabilities.done",
     params:
-        out=f"{R}/{{dataset}}/probabilities.ome.zarr",
+        args=stages.gather(config),
+        out=lambda w, output: output.done.replace(".done", ".ome.zarr"),
     log:
         f"{R}/logs/predict_gather/{{dataset}}.log",
     benchmark:
@@ -80,5 +74,4 @@ rule predict_gather:
         runtime=60,
         **cluster_resources(gpu=False),
     shell:
-        "unet-pipeline gather --out {params.out} --pyramid-levels {PRED[pyramid_levels]}"
-        " --done-file {output.done} > {log} 2>&1"
+        logged("unet-pipeline gather --out {params.out} {params.args} --done-file {output.done}")

@@ -1,15 +1,11 @@
-PRE = config["preprocess"]
-CHUNKS = ",".join(map(str, PRE["chunks"]))
-CHUNKS_PER_FILE = ",".join(map(str, PRE["chunks_per_file"]))
-VOXEL = ",".join(map(str, PRE["voxel_size_nm"]))
-
-
 rule preprocess:
     """Raw stack (TIFF, TIFF folder or Zarr) -> chunked OME-Zarr with normalisation statistics."""
     input:
         raw=raw_source,
     output:
         raw=directory(f"{R}/{{dataset}}/raw.ome.zarr"),
+    params:
+        args=stages.preprocess(config),
     log:
         f"{R}/logs/preprocess/{{dataset}}.log",
     benchmark:
@@ -20,8 +16,7 @@ rule preprocess:
         runtime=60,
         **cluster_resources(gpu=False),
     shell:
-        "unet-pipeline preprocess --raw {input.raw} --out-raw {output.raw}"
-        " --chunks {CHUNKS} --chunks-per-file {CHUNKS_PER_FILE} --voxel-size {VOXEL} > {log} 2>&1"
+        logged("unet-pipeline preprocess --raw {input.raw} --out-raw {output.raw} {params.args}")
 
 
 rule preprocess_labels:
@@ -32,7 +27,7 @@ rule preprocess_labels:
     output:
         labels=directory(f"{R}/{{dataset}}/labels.ome.zarr"),
     params:
-        label_format=lambda w: DATASETS[w.dataset]["label_format"],
+        args=lambda w: stages.preprocess_labels(config, w.dataset),
     log:
         f"{R}/logs/preprocess_labels/{{dataset}}.log",
     benchmark:
@@ -43,5 +38,4 @@ rule preprocess_labels:
         runtime=60,
         **cluster_resources(gpu=False),
     shell:
-        "unet-pipeline preprocess --raw {input.raw} --labels {input.labels} --out-labels {output.labels}"
-        " --chunks {CHUNKS} --chunks-per-file {CHUNKS_PER_FILE} --voxel-size {VOXEL} --label-format {params.label_format} > {log} 2>&1"
+        logged("unet-pipeline preprocess --raw {input.raw} --labels {input.labels} --out-labels {output.labels} {params.args}")

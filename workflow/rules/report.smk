@@ -25,5 +25,4 @@ rule report:
         runtime=10,
         **cluster_resources(gpu=False),
     shell:
-        "unet-pipeline report --out {output.report} --log {input.log_csv} --metrics {params.metrics}"
-        " --example '{params.example}' > {log} 2>&1"
+        logged("unet-pipeline report --out {output.report} --log {input.log_csv} --metrics {params.metrics} --example {params.example:q}")

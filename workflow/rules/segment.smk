@@ -5,9 +5,8 @@ rule segment:
     output:
         seg=directory(f"{R}/{{dataset}}/segmentation.ome.zarr"),
     params:
-        prob=f"{R}/{{dataset}}/probabilities.ome.zarr",
-        threshold=config["segment"]["threshold"],
-        connectivity=config["segment"]["connectivity"],
+        args=stages.segment(config),
+        prob=lambda w, input: input.done.replace(".done", ".ome.zarr"),
     log:
         f"{R}/logs/segment/{{dataset}}.log",
     benchmark:
@@ -18,5 +17,4 @@ rule segment:
         runtime=60,
         **cluster_resources(gpu=False),
     shell:
-        "unet-pipeline segment --prob {params.prob} --out {output.seg} --threshold {params.threshold}"
-        " --connectivity {params.connectivity} --workers {threads} > {log} 2>&1"
+        logged("unet-pipeline segment --prob {params.prob} --out {output.seg} {params.args} --workers {threads}")

@@ -4,7 +4,7 @@ rule synth:
         raw=f"{R}/synthetic/{{name}}/raw.tif",
         labels=f"{R}/synthetic/{{name}}/labels.tif",
     params:
-        spec=lambda w: config["synthetic"][w.name],
+        args=lambda w: stages.synth(config, w.name),
     log:
         f"{R}/logs/synth/{{name}}.log",
     benchmark:
@@ -15,6 +15,4 @@ rule synth:
         runtime=10,
         **cluster_resources(gpu=False),
     shell:
-        "unet-pipeline synth --out-raw {output.raw} --out-labels {output.labels}"
-        " --slices {params.spec[slices]} --shape {params.spec[shape][0]} {params.spec[shape][1]}"
-        " --seed {params.spec[seed]} --cell-diameter-px {params.spec[cell_diameter_px]} > {log} 2>&1"
+        logged("unet-pipeline synth --out-raw {output.raw} --out-labels {output.labels} {params.args}")

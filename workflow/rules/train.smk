@@ -1,5 +1,5 @@
 rule train:
-    """Train the U-Net; resumes from last.pt when a run with the same config was interrupted."""
+    """Train the U-Net; resumes from last.pt when a run on the same data and config was interrupted."""
     input:
         raw=expand(f"{R}/{{dataset}}/raw.ome.zarr", dataset=TRAINING),
         labels=expand(f"{R}/{{dataset}}/labels.ome.zarr", dataset=TRAINING),
@@ -8,10 +8,8 @@ rule train:
         model=f"{R}/model/model.pt",
         log_csv=f"{R}/model/training_log.csv",
     params:
-        datasets=training_datasets_json(),
-        model=json.dumps(config["model"]),
-        train=json.dumps(config["train"]),
-        out=f"{R}/model",
+        args=stages.train(config),
+        out=lambda w, output: os.path.dirname(output.model),
     log:
         f"{R}/logs/train.log",
     benchmark:
@@ -23,5 +21,4 @@ rule train:
         gpu=gpu_count(),
         **cluster_resources(gpu=True),
     shell:
-        "unet-pipeline train --datasets '{params.datasets}' --model '{params.model}'"
-        " --train '{params.train}' --out {params.out} --resume --threads {threads} --no-progress > {log} 2>&1"
+        logged("unet-pipeline train {params.args} --out {params.out} --resume --threads {threads} --no-progress")

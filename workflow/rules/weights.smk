@@ -5,9 +5,7 @@ rule weights:
     output:
         weights=directory(f"{R}/{{dataset}}/weights.ome.zarr"),
     params:
-        w0=config["weights"]["w0"],
-        sigma=config["weights"]["sigma_px"],
-        label_format=lambda w: DATASETS[w.dataset]["label_format"],
+        args=lambda w: stages.weights(config, w.dataset),
     log:
         f"{R}/logs/weights/{{dataset}}.log",
     benchmark:
@@ -18,5 +16,4 @@ rule weights:
         runtime=60,
         **cluster_resources(gpu=False),
     shell:
-        "unet-pipeline weights --labels {input.labels} --out {output.weights} --w0 {params.w0}"
-        " --sigma-px {params.sigma} --label-format {params.label_format} > {log} 2>&1"
+        logged("unet-pipeline weights --labels {input.labels} --out {output.weights} {params.args}")
