@@ -50,3 +50,46 @@ def test_evaluate_scores_a_tiff_proposal_against_the_conformance_vector(tmp_path
     assert abs(got["pixel_error"] - expected["pixel_error"]) < 1e-3
     assert len((tmp_path / "s.csv").read_text().splitlines()) == 4
     assert (tmp_path / "c.png").stat().st_size > 0
+
+
+def _bad_cases(tmp_path):
+    """(subcommand arguments, text the one-sentence error must contain) for every subcommand."""
+    import numpy as np
+    import tifffile
+
+    missing = str(tmp_path / "missing.ome.zarr")
+    out = str(tmp_path / "out")
+    nan = np.full((1, 16, 16), np.nan, np.float32)
+    tifffile.imwrite(tmp_path / "nan.tif", nan)
+    tifffile.imwrite(tmp_path / "two.tif", np.full((1, 16, 16), 2.0, np.float32))
+    tifffile.imwrite(tmp_path / "gt.tif", np.full((1, 16, 16), 255, np.uint8))
+    (tmp_path / "empty.csv").write_text("step,loss,lr,seconds,val_loss,val_pixel_error,val_rand_error\n")
+    evaluate = ["--labels", str(tmp_path / "gt.tif"), "--out-json", f"{out}.json", "--out-slices", f"{out}.csv",
+                "--out-curves", f"{out}-c.csv"]
+    return [
+        (["synth", "--out-raw", "/proc/forbidden/r.tif", "--out-labels", out, "--slices", "1", "--shape", "32,32"],
+         "/proc/forbidden"),
+        (["preprocess", "--raw", str(tmp_path / "missing.tif"), "--out-raw", out], "missing.tif: file not found"),
+        (["weights", "--labels", missing, "--out", out], "missing.ome.zarr: OME-Zarr not found"),
+        (["train", "--datasets", "[{not json", "--out", out], "--datasets is not valid JSON"),
+        (["predict", "--raw", missing, "--checkpoint", str(tmp_path / "m.pt"), "--out", out],
+         "m.pt: checkpoint not found"),
+        (["gather", "--out", missing], "missing.ome.zarr: no prediction store"),
+        (["segment", "--prob", missing, "--out", out], "missing.ome.zarr: OME-Zarr not found"),
+        (["evaluate", "--prob", str(tmp_path / "nan.tif"), *evaluate], "nan.tif (slice 0): proposal contains NaN"),
+        (["evaluate", "--prob", str(tmp_path / "two.tif"), *evaluate], r"two.tif (slice 0): proposal values must lie"),
+        (["report", "--out", f"{out}.md", "--log", str(tmp_path / "empty.csv")], "empty.csv: the training log has no rows"),
+        (["validate-config", str(tmp_path / "missing.yaml")], "missing.yaml: config file not found"),
+    ]
+
+
+def test_every_subcommand_reports_bad_input_as_one_sentence_and_exit_2(tmp_path, capsys):
+    from unet_pipeline.cli import main
+
+    for args, expected in _bad_cases(tmp_path):
+        assert main(args) == 2, args
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err and err[-1].startswith(f"unet-pipeline {args[0]}: error: "), (args, err)
+        assert expected in err[-1], (expected, err[-1])
+        assert not any("Traceback" in line for line in err)
+    assert not (tmp_path / "out.json").exists()  # a refused evaluation writes nothing

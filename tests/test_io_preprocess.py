@@ -103,3 +103,40 @@ def test_incomplete_store_is_refused_by_readers(tmp_path):
     io.create_ome_image(tmp_path / "half.ome.zarr", (2, 8, 8), "f4", (1, 8, 8))
     with pytest.raises(InputError, match="incomplete"):
         io.open_ome_image(tmp_path / "half.ome.zarr")
+
+
+def test_rgb_tiff_is_refused_with_one_sentence(tmp_path):
+    rgb = np.zeros((2, 32, 40, 3), np.uint8)
+    tifffile.imwrite(tmp_path / "rgb.tif", rgb, photometric="rgb")
+    with pytest.raises(InputError, match=r"rgb.tif: is an RGB/multi-channel image .*convert it"):
+        StackSource(tmp_path / "rgb.tif")
+    (tmp_path / "slices").mkdir()
+    tifffile.imwrite(tmp_path / "slices" / "000.tif", rgb[0], photometric="rgb")
+    with pytest.raises(InputError, match=r"000.tif: is an RGB/multi-channel image"):
+        StackSource(tmp_path / "slices")
+
+
+def test_a_rerun_removes_temporaries_left_by_a_killed_writer(tmp_path):
+    target = tmp_path / "out.ome.zarr"
+    debris = tmp_path / ".out.ome.zarr.tmp-deadbeef"
+    (debris / "0").mkdir(parents=True)
+    (tmp_path / ".log.csv.tmp-0badf00d").write_text("half")
+    with io.atomic_directory(target) as tmp:
+        io.create_ome_image(tmp, (2, 8, 8), "u1", (1, 8, 8))
+    io.atomic_write_text(tmp_path / "log.csv", "step\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["log.csv", "out.ome.zarr"]
+
+
+def test_stores_record_a_content_fingerprint(tmp_path, tiff_pair):
+    from unet_pipeline import provenance
+
+    raw_path, labels_path = tiff_pair
+    preprocess(raw_path, tmp_path / "a.ome.zarr", labels_path, tmp_path / "la.ome.zarr")
+    preprocess(raw_path, tmp_path / "b.ome.zarr", chunks=(1, 32, 32))
+    assert provenance.store_fingerprint(tmp_path / "a.ome.zarr") == provenance.store_fingerprint(tmp_path / "b.ome.zarr")
+    data = tifffile.imread(raw_path)
+    data[0, 0, 0] ^= 1
+    tifffile.imwrite(tmp_path / "changed.tif", data, photometric="minisblack")
+    preprocess(tmp_path / "changed.tif", tmp_path / "c.ome.zarr")
+    assert provenance.store_fingerprint(tmp_path / "c.ome.zarr") != provenance.store_fingerprint(tmp_path / "a.ome.zarr")
+    assert provenance.store_fingerprint(tmp_path / "la.ome.zarr") != provenance.store_fingerprint(tmp_path / "a.ome.zarr")

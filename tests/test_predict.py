@@ -249,3 +249,40 @@ def test_tta_batched_equals_one_pass_per_transform():
         one_by_one = torch.stack([_invert(torch.softmax(predictor.model(_apply(tiles[:, None], k, f)), 1)[:, 1], k, f)
                                   for k, f in DIHEDRAL]).mean(0)
     assert torch.allclose(batched, one_by_one, atol=1e-5)
+
+
+def test_a_replaced_raw_stack_of_the_same_shape_is_never_reused(tmp_path):
+    # Issue 12.1 through the package alone: preprocess A, predict, gather; replace the raw store with
+    # stack B of the same shape; the old prediction must be refused, then replaced by B's.
+    raw_path, _ = _raw_store(tmp_path, (2, 70, 90), seed=1)
+    ckpt = _checkpoint(tmp_path / "m.pt")
+    predictor = load_predictor(ckpt, "cpu", "fp32", tile_size=36)
+    out = tmp_path / "p.ome.zarr"
+    kw = dict(chunks=(1, 40, 40), out_dtype="float32", progress=False, precision="fp32")
+    predict_volume(predictor, raw_path, out, ckpt, **kw)
+    gather(out)
+    old = io.open_ome_image(out)[...]
+    _raw_store(tmp_path, (2, 70, 90), seed=2)  # stack B at the same path
+    with pytest.raises(InputError, match="input_fingerprint"):
+        predict_volume(predictor, raw_path, out, ckpt, **kw)
+    predict_volume(predictor, raw_path, out, ckpt, overwrite=True, **kw)
+    gather(out)
+    predict_volume(predictor, raw_path, tmp_path / "fresh.ome.zarr", ckpt, **kw)
+    gather(tmp_path / "fresh.ome.zarr")
+    new = io.open_ome_image(out)[...]
+    assert not np.array_equal(old, new)
+    assert np.array_equal(new, io.open_ome_image(tmp_path / "fresh.ome.zarr")[...])
+
+
+def test_predict_checks_the_training_config_stored_in_the_checkpoint(tmp_path, caplog):
+    from unet_pipeline.checkpoint import check_training_config
+
+    stored = {"model": MODEL.to_dict(), "train": {"steps": 6}, "weights": {"w0": 10}, "datasets": {}}
+    state = {"config": stored}
+    check_training_config("m.pt", state, stored)
+    assert not caplog.records
+    with caplog.at_level("WARNING"):
+        check_training_config("m.pt", state, {**stored, "train": {"steps": 8}})
+    assert "train.steps: 6 -> 8" in caplog.text
+    with pytest.raises(InputError, match=r"m.pt: checkpoint was trained with another model config \(model.depth"):
+        check_training_config("m.pt", state, {**stored, "model": {**MODEL.to_dict(), "depth": 2}})

@@ -54,6 +54,37 @@ def test_changed_config_starts_a_new_run_instead_of_resuming(slices, tmp_path):
     assert len((tmp_path / "training_log.csv").read_text().splitlines()) == 4
 
 
+def test_resumed_log_is_whole_even_when_the_workflow_removed_the_outputs(slices, tmp_path):
+    # Snakemake deletes a job's outputs (model.pt, training_log.csv) before rerunning it.
+    tr, va = slices
+    train(MODEL, _cfg(6), tr, va, tmp_path, progress=False, max_steps_now=3)
+    (tmp_path / "training_log.csv").unlink()
+    train(MODEL, _cfg(6), tr, va, tmp_path, progress=False, resume=True)
+    log = (tmp_path / "training_log.csv").read_text().splitlines()
+    assert [line.split(",")[0] for line in log[1:]] == [str(i) for i in range(1, 7)]
+
+
+def test_a_finished_run_is_trained_again_not_resumed_for_zero_steps(slices, tmp_path):
+    tr, va = slices
+    train(MODEL, _cfg(4), tr, va, tmp_path, progress=False)
+    first = torch.load(tmp_path / "model.pt", weights_only=False)
+    for output in ("model.pt", "training_log.csv"):
+        (tmp_path / output).unlink()
+    train(MODEL, _cfg(4), tr, va, tmp_path, progress=False, resume=True)
+    log = (tmp_path / "training_log.csv").read_text().splitlines()
+    assert [line.split(",")[0] for line in log[1:]] == ["1", "2", "3", "4"]
+    again = torch.load(tmp_path / "model.pt", weights_only=False)
+    assert all(torch.equal(first["model"][k], again["model"][k]) for k in first["model"])  # same data, same run
+
+
+def test_new_training_data_starts_a_new_run(slices, tmp_path):
+    tr, va = slices
+    train(MODEL, _cfg(6), tr, va, tmp_path, progress=False, max_steps_now=3)
+    reweighted = SliceSet(tr.images, tr.labels, tr.weights * 2)
+    train(MODEL, _cfg(6), reweighted, va, tmp_path, progress=False, resume=True, max_steps_now=1)
+    assert torch.load(tmp_path / "last.pt", weights_only=False)["step"] == 1
+
+
 def test_training_is_deterministic_on_cpu(slices, tmp_path):
     tr, va = slices
     train(MODEL, _cfg(3), tr, None, tmp_path / "a", progress=False)

@@ -92,8 +92,13 @@ def _store_signature(raw_path, shape, chunks, block, out_dtype, checkpoint_hash,
 def open_output(out_path: Path, shape, chunks, chunks_per_file, out_dtype: str, signature: dict,
                 overwrite: bool) -> zarr.Array:
     """Create the output store (race-free across shards) or reopen a matching one."""
-    if out_path.exists() and overwrite and not _is_ours(out_path, signature):
-        shutil.rmtree(out_path, ignore_errors=True)
+    if overwrite:
+        # The one job allowed to replace the store (the workflow's predict_init) also clears
+        # stores half-created by a killed init; shard jobs never do, as they may race each other.
+        for stale in out_path.parent.glob(f".{out_path.name}.init-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        if out_path.exists() and not _is_ours(out_path, signature):
+            shutil.rmtree(out_path, ignore_errors=True)
     if not out_path.exists():
         tmp = out_path.with_name(f".{out_path.name}.init-{uuid.uuid4().hex[:8]}")
         io.create_ome_image(tmp, shape, out_dtype, chunks, chunks_per_file=chunks_per_file,
@@ -104,17 +109,19 @@ def open_output(out_path: Path, shape, chunks, chunks_per_file, out_dtype: str, 
             os.rename(tmp, out_path)  # atomic; fails if another shard won the race
         except OSError:
             shutil.rmtree(tmp, ignore_errors=True)
-    group = zarr.open_group(str(out_path), mode="r+")
-    existing = dict(group.attrs.get("predict", {}))
+    existing = dict(zarr.open_group(str(out_path), mode="r").attrs.get("predict", {}))
     if existing != signature:
-        changed = sorted(k for k in set(existing) | set(signature) if existing.get(k) != signature.get(k))
-        raise InputError(
-            f"{out_path}: holds a different prediction (differs in {', '.join(changed) or 'layout'}); "
-            "delete it or pass --overwrite to replace it."
-        )
+        raise InputError(f"{out_path}: holds a different prediction (differs in {_changed(existing, signature)}); "
+                         "delete it or pass --overwrite to replace it.")
     # Every block is written whole and almost never equals the fill value:
     # skipping zarr's per-chunk comparison with it saves 10% of a write.
     return zarr.open_array(str(out_path / "0"), mode="r+", config={"write_empty_chunks": True})
+
+
+def _changed(existing: dict, signature: dict) -> str:
+    """The signature keys that differ, e.g. 'input_fingerprint' when the raw stack was replaced."""
+    keys = sorted(k for k in set(existing) | set(signature) if existing.get(k) != signature.get(k))
+    return ", ".join(keys) or "layout"
 
 
 def _is_ours(path: Path, signature: dict) -> bool:
@@ -514,7 +521,9 @@ def predict_volume(
     if io.is_complete(out_path) and _is_ours(out_path, signature):
         return PredictStats(extra={"already_complete": True})
     if io.is_complete(out_path) and not overwrite:
-        raise InputError(f"{out_path}: a complete, different output exists; pass --overwrite to replace it.")
+        existing = dict(zarr.open_group(str(out_path), mode="r").attrs.get("predict", {}))
+        raise InputError(f"{out_path}: a complete, different prediction exists (differs in "
+                         f"{_changed(existing, signature)}); pass --overwrite to replace it.")
     out = open_output(out_path, raw.shape, chunks, chunks_per_file, out_dtype, signature, overwrite)
     if init_only:
         return PredictStats(extra={"initialised": str(out_path)})

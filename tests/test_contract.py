@@ -1,0 +1,98 @@
+"""The contract between the workflow and the package: stage arguments, lint, the schema in the wheel."""
+import json
+import shlex
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from unet_pipeline import stages
+from unet_pipeline.cli import build_parser
+from unet_pipeline.config import defaults, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def config():
+    return load_config(REPO / "config" / "config.yaml")
+
+
+def _parse(command: str, args: str):
+    """The stage's own CLI parser reads the arguments the workflow would pass."""
+    required = {"preprocess": "--raw r", "weights": "--labels l --out o", "train": "--out o",
+                "predict": "--raw r --checkpoint c --out o", "gather": "--out o", "segment": "--prob p --out o",
+                "evaluate": "--prob p --labels l --out-json a --out-slices b --out-curves c",
+                "synth": "--out-raw a --out-labels b"}[command]
+    return build_parser().parse_args([command, *shlex.split(required), *shlex.split(args)])
+
+
+def test_every_stage_argument_comes_from_its_config_key(config):
+    cfg = json.loads(json.dumps(config))
+    cfg["predict"].update(tile_size=196, tta="d4", dtype="uint8", chunks=[1, 128, 64], chunks_per_file=[1, 2, 4])
+    cfg["preprocess"].update(chunks=[2, 64, 64], voxel_size_nm=[30, 5, 5])
+    cfg["segment"].update(threshold=0.3, connectivity="3d")
+    a = _parse("predict", stages.predict(cfg))
+    assert (a.tile_size, a.tta, a.dtype, a.chunks, a.chunks_per_file) == (196, "d4", "uint8", (1, 128, 64), (1, 2, 4))
+    assert json.loads(a.model) == cfg["model"] and json.loads(a.run_config) == stages.training_config(cfg)
+    a = _parse("preprocess", stages.preprocess_labels(cfg, "synthetic-test"))
+    assert (a.chunks, a.voxel_size, a.label_format) == ((2, 64, 64), (30.0, 5.0, 5.0), "binary")
+    a = _parse("segment", stages.segment(cfg))
+    assert (a.threshold, a.connectivity) == (0.3, "3d")
+    a = _parse("train", stages.train(cfg))
+    assert json.loads(a.train) == cfg["train"] and [d["name"] for d in json.loads(a.datasets)] == ["synthetic-train"]
+    a = _parse("weights", stages.weights(cfg, "synthetic-train"))
+    assert (a.w0, a.sigma_px) == (cfg["weights"]["w0"], cfg["weights"]["sigma_px"])
+    a = _parse("evaluate", stages.evaluate(cfg, "synthetic-test"))
+    assert a.slices == "all"
+    a = _parse("synth", stages.synth(cfg, "train"))
+    assert (a.slices, a.shape, a.seed) == (10, (256, 256), 1)
+    assert _parse("gather", stages.gather(cfg)).pyramid_levels == cfg["predict"]["pyramid_levels"]
+
+
+def test_speed_settings_are_not_arguments_that_rerun_prediction(config):
+    cfg = json.loads(json.dumps(config))
+    before = stages.predict(cfg)
+    cfg["predict"].update(writers=7, batch_size=3, compile=True)
+    assert stages.predict(cfg) == before
+    assert stages.predict_speed(cfg) == {"predict_batch": "3", "predict_writers": 7, "predict_compile": 1}
+
+
+def test_cli_defaults_are_the_schemas():
+    a = _parse("predict", "")
+    pred = defaults("predict")
+    assert (a.tile_size, list(a.chunks), a.dtype, a.workers) == (pred["tile_size"], pred["chunks"], pred["dtype"],
+                                                                  pred["writers"])
+    assert _parse("weights", "").w0 == defaults("weights")["w0"]
+
+
+def test_lint_finds_no_rule_using_values_from_outside_it():
+    run = subprocess.run([str(Path(sys.executable).parent / "snakemake"), "--lint"], cwd=REPO,
+                         capture_output=True, text=True)
+    lints = [line.strip() for line in (run.stdout + run.stderr).splitlines() if line.startswith("    * ")]
+    # Conda/container per rule is the only lint left: the workflow runs in the project's pinned venv.
+    assert lints and all(line.startswith("* Specify a conda environment") for line in lints), lints
+
+
+def test_a_wheel_carries_the_schema_and_validates_configs(tmp_path):
+    source = tmp_path / "src"  # built from a copy: an in-tree build would leave build/ in the checkout
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source)
+    shutil.copytree(REPO / "unet_pipeline", source / "unet_pipeline", ignore=shutil.ignore_patterns("__pycache__"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--quiet", "-w",
+                    str(tmp_path / "dist"), str(source)], check=True, capture_output=True)
+    wheel = next((tmp_path / "dist").glob("unet_pipeline-*.whl"))
+    assert "unet_pipeline/schemas/config.schema.yaml" in zipfile.ZipFile(wheel).namelist()
+    zipfile.ZipFile(wheel).extractall(tmp_path / "site")
+    check = (
+        "import sys; sys.path.insert(0, sys.argv[1]); import unet_pipeline.config as c; "
+        "assert c.__file__.startswith(sys.argv[1]), c.__file__; "
+        "print(c.validate_config({'datasets': {'a': {'raw': 'x.tif', 'labels': 'y.tif', 'train': '0'}}})['model'])"
+    )
+    run = subprocess.run([sys.executable, "-c", check, str(tmp_path / "site")], cwd=tmp_path, capture_output=True,
+                         text=True)
+    assert run.returncode == 0 and "'base_channels': 64" in run.stdout, run.stderr[-2000:]
