@@ -149,26 +149,35 @@ class Predictor:
                 self._compiled = False
                 return self.model(x)
 
-    def _probability(self, x: torch.Tensor) -> torch.Tensor:
-        """Cell probability (n, h, w), float32, of inputs (n, 1, H, W)."""
+    def _probability(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Cell probability (n, h, w), float32, of inputs (n, 1, H, W); written into `out` when given."""
         if self._compiled and x.shape[0] < self.batch_size:
             # Pad a short last batch so that the compiled graph sees one shape.
             pad = x.new_zeros((self.batch_size - x.shape[0], *x.shape[1:]))
-            return self._probability(torch.cat([x, pad]))[: x.shape[0]]
+            prob = self._probability(torch.cat([x, pad]))[: x.shape[0]]
+            return prob if out is None else out.copy_(prob)
         logits = self._logits(x).float()
-        if logits.shape[1] == 2:  # softmax of two classes, 3x cheaper on CPU
-            return torch.sigmoid(logits[:, 1] - logits[:, 0])
-        return torch.softmax(logits, dim=1)[:, 1]
+        if logits.shape[1] == 2:  # softmax of two classes, 3x cheaper on CPU; no temporary but the result
+            diff = torch.sub(logits[:, 1], logits[:, 0], out=out)
+            return torch.sigmoid(diff, out=diff)
+        prob = torch.softmax(logits, dim=1)[:, 1]
+        return prob if out is None else out.copy_(prob)
 
     @torch.inference_mode()
-    def probabilities(self, tiles: torch.Tensor) -> torch.Tensor:
+    def probabilities(self, tiles: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """Mean cell probability over the test-time transforms of normalised tiles (n, H, W) on the device.
 
         Transforms that give the same tile orientation run in one forward pass
         (all 8 for square tiles); each result is mapped back before averaging.
+        With `out` (n, h, w), any strides, the result is written there; without
+        test-time augmentation directly, saving a copy of every output tile.
         """
         x = tiles[:, None]
         n = x.shape[0]
+        if out is not None:
+            if self.transforms == DIHEDRAL[:1] and n <= self.batch_size:
+                return self._probability(x, out)
+            return out.copy_(self.probabilities(tiles))
         square = x.shape[-1] == x.shape[-2]
         groups: dict[bool, list[tuple[int, bool]]] = {}
         for k, flip in self.transforms:

@@ -54,7 +54,7 @@ from unet_pipeline.errors import ConfigError, InputError
 from unet_pipeline.inference import Predictor, stack_tiles
 from unet_pipeline.preprocess import Normaliser
 from unet_pipeline.provenance import derive_fingerprint, store_fingerprint
-from unet_pipeline.shardwrite import ShardEncoder, write_shard
+from unet_pipeline.shards import ShardCodec, write_shard
 from unet_pipeline.tiling import Box, ChunkGrid, ChunkPlan, mirror_indices
 
 PROGRESS_DIR = "unet_progress"
@@ -192,6 +192,10 @@ class StripReader:
 
     def __init__(self, array):
         self.array = array
+        # Shards on a local disk are decoded here directly where the layout allows (4x less CPU than zarr).
+        root = getattr(array.store, "root", None) if isinstance(array, zarr.Array) else None
+        self._directory = Path(root) / array.path if root is not None else None
+        self._codec = ShardCodec.for_array(array) if self._directory is not None else None
         self.voxels_read = 0
         self._z: tuple[int, int] | None = None
         self._y0 = self._y1 = 0
@@ -213,7 +217,10 @@ class StripReader:
             self._rows = np.empty((z[1] - z[0], 0, width), self.array.dtype)
         if hi > self._y1:
             stop = min(height, -(-hi // row_chunk) * row_chunk)
-            fresh = np.asarray(self.array[z[0]:z[1], self._y1:stop])
+            if self._codec is not None:
+                fresh = self._codec.read(self._directory, (z[0], self._y1, 0), (z[1], stop, width))
+            else:
+                fresh = np.asarray(self.array[z[0]:z[1], self._y1:stop])
             self.voxels_read += fresh.size
             self._rows = np.concatenate([self._rows[:, first_row - self._y0:], fresh], axis=1)
             self._y0, self._y1 = first_row, stop
@@ -253,11 +260,15 @@ class HostBuffers:
         self._free.put(slot)
 
 
-def _encode(prob: torch.Tensor, dtype: str) -> torch.Tensor:
-    """Probability -> stored dtype, on the device (uint8: round(255 p), half to even like np.rint)."""
+def _encode_into(prob: torch.Tensor, dtype: str, out: torch.Tensor) -> None:
+    """Probability -> stored dtype, written into `out` (uint8: round(255 p), half to even like np.rint).
+
+    `prob` is scratch afterwards: uint8 is scaled and rounded in place, and
+    the conversion happens in the copy, so no block-sized temporary is made.
+    """
     if dtype == "uint8":
-        return torch.round(prob * 255.0).clamp_(0, 255).to(torch.uint8)
-    return prob.to(torch.float16 if dtype == "float16" else torch.float32)
+        prob = prob.mul_(255.0).round_().clamp_(0, 255)
+    out.copy_(prob, non_blocking=out.device != prob.device)
 
 
 _TORCH_DTYPES = {"uint8": torch.uint8, "float16": torch.float16, "float32": torch.float32}
@@ -331,7 +342,8 @@ class _Pipeline:
         self.inputs = HostBuffers(READ_AHEAD + 1, self.cuda)
         self.outputs = HostBuffers(2 * self.workers, self.cuda)
         self.reader = StripReader(raw)
-        self.encoder = ShardEncoder.for_array(out)
+        self.encoder = ShardCodec.for_array(out)
+        self._spare: list[torch.Tensor] = []  # finished blocks' buffers, for the next blocks
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._start = time.perf_counter()
@@ -394,10 +406,14 @@ class _Pipeline:
             _inject_fault(self.stats.blocks_computed)
 
     def _emit(self, block: _Block, pool: ThreadPoolExecutor, futures: list) -> None:
-        encoded = _encode(block.buffer, self.out_dtype)
+        slot, host = self.outputs.take(block.buffer.shape, _TORCH_DTYPES[self.out_dtype])
+        if self.cuda:  # convert on the device: the copy back carries the stored dtype's bytes only
+            _encode_into(block.buffer, self.out_dtype, encoded := torch.empty_like(host, device=self.device))
+            host.copy_(encoded, non_blocking=True)
+        else:
+            _encode_into(block.buffer, self.out_dtype, host)
+        self._spare.append(block.buffer)  # stream-ordered on CUDA: the next scatter runs after the encode
         block.buffer = None
-        slot, host = self.outputs.take(encoded.shape, _TORCH_DTYPES[self.out_dtype])
-        host.copy_(encoded, non_blocking=self.cuda)
         event = None
         if self.cuda:
             event = torch.cuda.Event()
@@ -406,6 +422,15 @@ class _Pipeline:
         for f in [f for f in futures if f.done()]:
             futures.remove(f)
             f.result()
+
+    def _block_buffer(self, shape) -> torch.Tensor:
+        """A float32 block buffer on the device, reused: a fresh 64 MB array costs 16k page faults on a CPU."""
+        for i, spare in enumerate(self._spare):
+            if tuple(spare.shape) == tuple(shape):
+                return self._spare.pop(i)
+        if len(self._spare) > 2:
+            self._spare.pop(0)
+        return torch.empty(shape, dtype=torch.float32, device=self.device)
 
     # -- stage 2: the device feeder
     def run(self) -> None:
@@ -459,16 +484,33 @@ class _Pipeline:
                 active = []
         self.stats.input_voxels_read = self.reader.voxels_read
 
+    def _into_block(self, item, tiles: torch.Tensor, pool: ThreadPoolExecutor, futures: list) -> bool:
+        """A lone tile whose output lies in one block is computed straight into that block's buffer (no copy)."""
+        strip, (_, _, out_box, touched) = item
+        if len(touched) != 1 or touched[0][1] != out_box:
+            return False
+        block = touched[0][0]
+        if block.buffer is None:
+            block.buffer = self._block_buffer(block.box.shape)
+        self.p.probabilities(tiles, out=block.buffer[out_box.relative_to(block.box.start).slices])
+        block.remaining -= 1
+        if block.remaining == 0:
+            self._emit(block, pool, futures)
+        strip.unfinished -= 1
+        return True
+
     def _run_batch(self, batch: list, pool: ThreadPoolExecutor, futures: list) -> None:
         shapes = {tile.input.shape[1:] for _, (_, tile, _, _) in batch}
         groups = [[item for item in batch if item[1][1].input.shape[1:] == s] for s in shapes]
         for group in groups:
             tiles = stack_tiles([strip.region[z][tile.input.slices[1:]] for strip, (z, tile, _, _) in group])
+            if len(group) == 1 and self._into_block(group[0], tiles, pool, futures):
+                continue
             prob = self.p.probabilities(tiles)
             for (strip, (z, tile, out_box, touched)), p in zip(group, prob):
                 for block, overlap in touched:
                     if block.buffer is None:
-                        block.buffer = torch.empty(block.box.shape, dtype=torch.float32, device=self.device)
+                        block.buffer = self._block_buffer(block.box.shape)
                     src = overlap.relative_to(out_box.start)
                     dst = overlap.relative_to(block.box.start)
                     block.buffer[dst.slices] = p[src.slices[1:]]
