@@ -596,6 +596,24 @@ def predict_volume(
     return stats
 
 
+def buffer_bytes(shape, itemsize: int, block, margin: int, tile: int, writers: int, out_itemsize: int) -> int:
+    """Upper estimate of the host memory a predict job's buffers take, framework excluded.
+
+    A strip spans the slice width and one block row (plus the context margin
+    and a tile of rounding) and is held as raw rows and as READ_AHEAD + 1
+    float32 regions; blocks (at most one shard each) are held as float32
+    buffers (one being filled, a few spare) and as 2 x writers encoded copies.
+    Memory grows with the slice width and the block size, never with the
+    number of slices or rows.
+    """
+    height = block[1] + 2 * margin + tile
+    width = shape[2] + 2 * margin + tile
+    region = block[0] * height * width * 4
+    rows = 2 * block[0] * height * shape[2] * itemsize
+    voxels = math.prod(block)
+    return (READ_AHEAD + 1) * region + rows + 4 * voxels * 4 + 2 * writers * voxels * out_itemsize
+
+
 def gather(out_path: str | os.PathLike, pyramid_levels: int = 2, provenance: dict | None = None) -> None:
     """Check that every block of every job is done, then build the pyramid and mark complete."""
     out_path = Path(out_path)

@@ -97,15 +97,28 @@ def predict_runtime_min(wildcards, input):
     return 10 + math.ceil(1.5 * voxels * passes / (CLUSTER["predict_mvoxel_per_s"] * 1e6) / 60)
 
 
-def predict_mem_mb(wildcards):
-    """Host memory of a predict job: a few chunks in flight plus the framework (about 400 MB measured).
+def predict_mem_mb(wildcards, input):
+    """Host memory of a predict job: its buffers (`predict.buffer_bytes`) with a 50% margin, plus 2 GB
+    for the framework (torch and the CUDA libraries; about 250 MB measured on a CPU).
 
-    A callable resource: evaluated when a job is scheduled, so importing the
-    model (and torch) does not slow down every start of Snakemake.
+    A callable resource: evaluated when a job is ready to run, once the raw
+    image exists (its width and block size set the buffers); a dry run before
+    that assumes one 4096^2 slice of uint8.
     """
-    from unet_pipeline.model import UNetConfig
+    import zarr
 
-    margin = 2 * UNetConfig(**config["model"]).context_margin
-    z, y, x = config["predict"]["chunks"]
-    region = z * (y + margin) * (x + margin)
-    return 2000 + math.ceil(4 * (z * y * x * 4 + region * 8) / 1e6)
+    from unet_pipeline.io import shard_shape
+    from unet_pipeline.model import UNetConfig
+    from unet_pipeline.predict import buffer_bytes
+
+    pred = config["predict"]
+    shape, itemsize = (1, 4096, 4096), 1
+    if os.path.exists(input.raw):
+        level0 = zarr.open_group(str(input.raw), mode="r")["0"]
+        shape, itemsize = level0.shape, level0.dtype.itemsize
+    chunks = [min(c, s) for c, s in zip(pred["chunks"], shape)]
+    block = shard_shape(shape, chunks, pred["chunks_per_file"]) or chunks
+    out_itemsize = {"uint8": 1, "float16": 2, "float32": 4}[pred["dtype"]]
+    margin = UNetConfig(**config["model"]).context_margin
+    need = buffer_bytes(shape, itemsize, block, margin, pred["tile_size"], pred["writers"], out_itemsize)
+    return 2000 + math.ceil(1.5 * need / 1e6)
