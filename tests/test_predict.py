@@ -163,9 +163,13 @@ def _pass_through_expected(norm: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-(norm.astype(np.float64) - left)))
 
 
-def test_every_output_voxel_comes_from_its_own_input_and_input_is_read_once(tmp_path):
+@pytest.mark.parametrize("segment_px", [16384, 128])  # whole strips, or one block column per segment
+def test_every_output_voxel_comes_from_its_own_input_and_input_is_read_once(tmp_path, monkeypatch, segment_px):
+    from unet_pipeline import predict
     from unet_pipeline.inference import PassThroughNet
     from unet_pipeline.preprocess import Normaliser
+
+    monkeypatch.setattr(predict, "SEGMENT_PX", segment_px)
 
     raw_path, data = _raw_store(tmp_path, (3, 301, 389))  # odd sizes: partial edge chunks and shards
     ckpt = _checkpoint(tmp_path / "m.pt")

@@ -65,6 +65,10 @@ FAULT_ENV = "UNET_PIPELINE_FAIL_AFTER_BLOCKS"
 FAULT_MARKER_ENV = "UNET_PIPELINE_FAULT_MARKER"
 # Strips read ahead of the feeder: enough to hide a read behind the network.
 READ_AHEAD = 2
+# Widest part of a strip handed to the device at once: a strip of a very wide
+# section (100k px) goes as several segments, so that float regions and device
+# uploads stay bounded; the reader still decodes the strip's rows once.
+SEGMENT_PX = 16384
 
 
 def _inject_fault(blocks_done: int) -> None:
@@ -179,6 +183,13 @@ def _runs(index: np.ndarray) -> list[tuple[slice, slice]]:
         runs.append((slice(begin, end), slice(first, stop, step)))
         begin = end
     return runs
+
+
+def _segments(strip: tuple, blocks_wide: int) -> list[tuple]:
+    """A strip's blocks in runs of at most `blocks_wide` block columns, left to right."""
+    columns = sorted({b[2] for b in strip})
+    runs = [set(columns[i:i + blocks_wide]) for i in range(0, len(columns), blocks_wide)]
+    return [tuple(b for b in strip if b[2] in run) for run in runs]
 
 
 class StripReader:
@@ -351,10 +362,12 @@ class _Pipeline:
     # -- stage 1: reader thread
     def _read_all(self, ready: queue.Queue) -> None:
         try:
-            for blocks in self.strips:
+            width = max(1, SEGMENT_PX // self.grid.chunks[2])
+            for blocks in (segment for strip in self.strips for segment in _segments(strip, width)):
                 if self._stop.is_set():
                     return
-                box = Box(self.grid.box(blocks[0]).start, self.grid.box(blocks[-1]).stop)
+                boxes = [self.grid.box(b) for b in blocks]
+                box = Box(tuple(map(min, zip(*[b.start for b in boxes]))), tuple(map(max, zip(*[b.stop for b in boxes]))))
                 plan = ChunkPlan.make(box, self.p.cfg, self.p.max_tile)
                 fill = self.reader.read(plan.read)
                 if self.cuda:  # raw bytes travel, 4x fewer than float; normalised on the GPU
@@ -600,14 +613,15 @@ def buffer_bytes(shape, itemsize: int, block, margin: int, tile: int, writers: i
     """Upper estimate of the host memory a predict job's buffers take, framework excluded.
 
     A strip spans the slice width and one block row (plus the context margin
-    and a tile of rounding) and is held as raw rows and as READ_AHEAD + 1
-    float32 regions; blocks (at most one shard each) are held as float32
-    buffers (one being filled, a few spare) and as 2 x writers encoded copies.
-    Memory grows with the slice width and the block size, never with the
-    number of slices or rows.
+    and a tile of rounding) and is held as raw rows; it goes to the device in
+    segments of at most SEGMENT_PX, held as READ_AHEAD + 1 float32 regions;
+    blocks (at most one shard each) are held as float32 buffers (one being
+    filled, a few spare) and as 2 x writers encoded copies. Memory never grows
+    with the number of slices or rows; with the width only through the raw
+    rows (one byte per voxel for 8-bit EM) once slices are wider than a segment.
     """
     height = block[1] + 2 * margin + tile
-    width = shape[2] + 2 * margin + tile
+    width = min(shape[2], max(SEGMENT_PX, block[2])) + 2 * margin + tile
     region = block[0] * height * width * 4
     rows = 2 * block[0] * height * shape[2] * itemsize
     voxels = math.prod(block)
