@@ -78,7 +78,8 @@ def _bad_cases(tmp_path):
         (["segment", "--prob", missing, "--out", out], "missing.ome.zarr: OME-Zarr not found"),
         (["evaluate", "--prob", str(tmp_path / "nan.tif"), *evaluate], "nan.tif (slice 0): proposal contains NaN"),
         (["evaluate", "--prob", str(tmp_path / "two.tif"), *evaluate], r"two.tif (slice 0): proposal values must lie"),
-        (["report", "--out", f"{out}.md", "--log", str(tmp_path / "empty.csv")], "empty.csv: the training log has no rows"),
+        (["report", "--out", f"{out}.md", "--log", str(tmp_path / "empty.csv")],
+         "empty.csv: the training log has no rows"),
         (["validate-config", str(tmp_path / "missing.yaml")], "missing.yaml: config file not found"),
     ]
 

@@ -128,15 +128,15 @@ def test_a_rerun_removes_temporaries_left_by_a_killed_writer(tmp_path):
 
 
 def test_stores_record_a_content_fingerprint(tmp_path, tiff_pair):
-    from unet_pipeline import provenance
+    from unet_pipeline.provenance import store_fingerprint
 
     raw_path, labels_path = tiff_pair
     preprocess(raw_path, tmp_path / "a.ome.zarr", labels_path, tmp_path / "la.ome.zarr")
-    preprocess(raw_path, tmp_path / "b.ome.zarr", chunks=(1, 32, 32))
-    assert provenance.store_fingerprint(tmp_path / "a.ome.zarr") == provenance.store_fingerprint(tmp_path / "b.ome.zarr")
+    preprocess(raw_path, tmp_path / "b.ome.zarr", chunks=(1, 32, 32))  # same content, other layout
+    assert store_fingerprint(tmp_path / "a.ome.zarr") == store_fingerprint(tmp_path / "b.ome.zarr")
     data = tifffile.imread(raw_path)
     data[0, 0, 0] ^= 1
     tifffile.imwrite(tmp_path / "changed.tif", data, photometric="minisblack")
     preprocess(tmp_path / "changed.tif", tmp_path / "c.ome.zarr")
-    assert provenance.store_fingerprint(tmp_path / "c.ome.zarr") != provenance.store_fingerprint(tmp_path / "a.ome.zarr")
-    assert provenance.store_fingerprint(tmp_path / "la.ome.zarr") != provenance.store_fingerprint(tmp_path / "a.ome.zarr")
+    assert store_fingerprint(tmp_path / "c.ome.zarr") != store_fingerprint(tmp_path / "a.ome.zarr")
+    assert store_fingerprint(tmp_path / "la.ome.zarr") != store_fingerprint(tmp_path / "a.ome.zarr")

@@ -367,7 +367,8 @@ class _Pipeline:
                 if self._stop.is_set():
                     return
                 boxes = [self.grid.box(b) for b in blocks]
-                box = Box(tuple(map(min, zip(*[b.start for b in boxes]))), tuple(map(max, zip(*[b.stop for b in boxes]))))
+                box = Box(tuple(map(min, zip(*[b.start for b in boxes]))),
+                          tuple(map(max, zip(*[b.stop for b in boxes]))))
                 plan = ChunkPlan.make(box, self.p.cfg, self.p.max_tile)
                 fill = self.reader.read(plan.read)
                 if self.cuda:  # raw bytes travel, 4x fewer than float; normalised on the GPU

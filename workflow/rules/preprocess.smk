@@ -38,4 +38,7 @@ rule preprocess_labels:
         runtime=60,
         **cluster_resources(gpu=False),
     shell:
-        logged("unet-pipeline preprocess --raw {input.raw} --labels {input.labels} --out-labels {output.labels} {params.args}")
+        logged(
+            "unet-pipeline preprocess --raw {input.raw} --labels {input.labels} --out-labels {output.labels}"
+            " {params.args}"
+        )

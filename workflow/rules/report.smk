@@ -25,4 +25,7 @@ rule report:
         runtime=10,
         **cluster_resources(gpu=False),
     shell:
-        logged("unet-pipeline report --out {output.report} --log {input.log_csv} --metrics {params.metrics} --example {params.example:q}")
+        logged(
+            "unet-pipeline report --out {output.report} --log {input.log_csv} --metrics {params.metrics}"
+            " --example {params.example:q}"
+        )
