@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-import numba
 import numpy as np
 
 from unet_pipeline import io
@@ -22,14 +21,6 @@ from unet_pipeline.errors import InputError
 
 
 # --------------------------------------------------------------------------- normalisation
-@numba.njit(nogil=True, cache=True)
-def _normalise_3d(raw, out, low, scale):
-    for z in range(raw.shape[0]):
-        for y in range(raw.shape[1]):
-            for x in range(raw.shape[2]):
-                out[z, y, x] = (np.float32(raw[z, y, x]) - low) * scale
-
-
 @dataclass(frozen=True)
 class Normaliser:
     """Maps raw intensities so that the low/high percentiles go to 0 and 1."""
@@ -54,7 +45,9 @@ class Normaliser:
         256-entry look-up table, 0.1 G/s converting first. The GIL is released.
         """
         if raw.ndim == 3 and out.ndim == 3 and out.dtype == np.float32 and raw.dtype.kind in "uif":
-            _normalise_3d(raw, out, np.float32(self.low), np.float32(self.scale))
+            from unet_pipeline.normalise_kernel import normalise_3d  # numba: imported only where it runs
+
+            normalise_3d(raw, out, np.float32(self.low), np.float32(self.scale))
             return out
         np.subtract(raw, np.float32(self.low), out=out, dtype=np.float32, casting="unsafe")
         return np.multiply(out, np.float32(self.scale), out=out)
