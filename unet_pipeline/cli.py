@@ -47,10 +47,6 @@ def _json(text: str | None, option: str, default=None):
         raise ConfigError(f"{option} is not valid JSON ({exc.msg} at character {exc.pos}): {text[:80]!r}") from None
 
 
-def _csv(values) -> str:
-    return ",".join(str(v) for v in values)
-
-
 def cmd_synth(a):
     import tifffile
 

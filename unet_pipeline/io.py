@@ -21,6 +21,7 @@ import zarr
 from zarr.codecs import BloscCodec, BloscShuffle
 
 from unet_pipeline import __version__
+from unet_pipeline.config import defaults
 from unet_pipeline.errors import InputError
 
 TIFF_SUFFIXES = (".tif", ".tiff")
@@ -171,7 +172,7 @@ def fast_compressor() -> BloscCodec:
 
 # Default storage shard in chunks: 8 x 8 chunks of 512^2 per file are 4096^2
 # voxels, so a 1 TB volume needs 59,605 files at level 0 (README, "Scaling out").
-CHUNKS_PER_FILE = (1, 8, 8)
+CHUNKS_PER_FILE = tuple(defaults("preprocess")["chunks_per_file"])  # the schema's default
 
 
 def shard_shape(shape: Sequence[int], chunks: Sequence[int], chunks_per_file: Sequence[int] | None) -> tuple | None:
