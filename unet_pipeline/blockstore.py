@@ -1,9 +1,9 @@
 """Block-wise output stores: the unit of work is one block (a Zarr v3 shard, one file).
 
-Stages that fill a store block by block (predict across many jobs, segment
-and weights on several threads) share this: the block grid of an array,
-the file that holds a block, per-job completion records, and the final
-check that turns a filled store into a finished OME-Zarr. A block is never
+Stages that fill a store block by block share this: predict (across many
+jobs) uses the block grid, the file that holds a block, per-job completion
+records and the final check that turns a filled store into a finished
+OME-Zarr; segment (on several threads) uses the block grid. A block is never
 written by two threads or jobs, and two blocks never share a file, so no
 locking is needed.
 """
