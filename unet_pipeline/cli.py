@@ -16,7 +16,7 @@ import os
 import sys
 from pathlib import Path
 
-from unet_pipeline.config import defaults
+from unet_pipeline.config import defaults, load_schema
 from unet_pipeline.errors import ConfigError, PipelineError
 
 
@@ -210,7 +210,9 @@ def cmd_validate_config(a):
 def build_parser() -> argparse.ArgumentParser:
     """The subcommands; every default that is also a config key comes from the config schema."""
     pre, wts, pred, seg, ev = (defaults(k) for k in ("preprocess", "weights", "predict", "segment", "evaluate"))
-    synth = {k: v["default"] for k, v in _synthetic_schema().items()}
+    schema = load_schema()
+    synth = {k: v["default"] for k, v in schema["$defs"]["synthetic_stack"]["properties"].items()}
+    label_format = schema["properties"]["datasets"]["additionalProperties"]["properties"]["label_format"]
     p = argparse.ArgumentParser(prog="unet-pipeline", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -231,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--chunks", type=_ints, default=tuple(pre["chunks"]), help="Z,Y,X")
     s.add_argument("--chunks-per-file", type=_ints, default=tuple(pre["chunks_per_file"]), help=CHUNKS_PER_FILE_HELP)
     s.add_argument("--voxel-size", type=_floats, default=tuple(pre["voxel_size_nm"]), help="Z,Y,X in nm")
-    s.add_argument("--label-format", default="binary", choices=("binary", "instances"))
+    s.add_argument("--label-format", default=label_format["default"], choices=label_format["enum"])
     s.set_defaults(func=cmd_preprocess)
 
     s = sub.add_parser("weights", help="the paper's weight maps from a label OME-Zarr")
@@ -239,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.add_argument("--w0", type=float, default=wts["w0"])
     s.add_argument("--sigma-px", type=float, default=wts["sigma_px"])
-    s.add_argument("--label-format", default="binary", choices=("binary", "instances"))
+    s.add_argument("--label-format", default=label_format["default"], choices=label_format["enum"])
     s.set_defaults(func=cmd_weights)
 
     s = sub.add_parser("train", help="train the U-Net")
@@ -321,12 +323,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("files", nargs="+")
     s.set_defaults(func=cmd_validate_config)
     return p
-
-
-def _synthetic_schema() -> dict:
-    from unet_pipeline.config import load_schema
-
-    return load_schema()["$defs"]["synthetic_stack"]["properties"]
 
 
 def main(argv: list[str] | None = None) -> int:
