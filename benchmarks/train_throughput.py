@@ -16,10 +16,14 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from unet_pipeline.threads import prefer_sleeping_openmp_threads  # noqa: E402
+
+prefer_sleeping_openmp_threads()  # as the CLI does, before torch is imported: measure what the workflow runs
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 from unet_pipeline.augment import AugmentConfig, sample_tiles  # noqa: E402
 from unet_pipeline.device import autocast, resolve_device, resolve_dtype  # noqa: E402
