@@ -186,6 +186,41 @@ def test_every_output_voxel_comes_from_its_own_input_and_input_is_read_once(tmp_
     assert np.abs(got - _pass_through_expected(norm)).max() < 1e-6
 
 
+@pytest.mark.parametrize("raw_dtype", [np.uint8, np.uint16])
+@pytest.mark.parametrize("out_dtype", ["float32", "uint8"])
+def test_the_accelerators_data_path_gives_the_cpu_paths_result(tmp_path, monkeypatch, raw_dtype, out_dtype):
+    # The CUDA path uploads raw values in their stored type, normalises them on the device and encodes
+    # blocks there; run that arithmetic on the CPU (DEVICE_SIDE) and compare with the CPU path.
+    import tifffile
+
+    from unet_pipeline import predict
+    from unet_pipeline.inference import PassThroughNet
+    from unet_pipeline.preprocess import Normaliser
+
+    top = 60000 if raw_dtype == np.uint16 else 255  # 16-bit values far above 255 must survive the upload
+    data = (np.random.default_rng(3).random((2, 150, 170)) * top).astype(raw_dtype)
+    tifffile.imwrite(tmp_path / "raw.tif", data, photometric="minisblack")
+    raw_path = tmp_path / "raw.ome.zarr"
+    preprocess(tmp_path / "raw.tif", raw_path, chunks=(1, 64, 64))
+    assert io.open_ome_image(raw_path).dtype == raw_dtype
+    ckpt = _checkpoint(tmp_path / "m.pt")
+    predictor = Predictor(PassThroughNet(MODEL), torch.device("cpu"), max_tile=52, batch_size=2)
+    results = {}
+    for device_side in (False, True):
+        monkeypatch.setattr(predict._Pipeline, "DEVICE_SIDE", device_side)
+        out = tmp_path / f"p-{device_side}.ome.zarr"
+        predict_volume(predictor, raw_path, out, ckpt, chunks=(1, 64, 64), out_dtype=out_dtype,
+                       chunks_per_file=(1, 2, 2), progress=False)
+        gather(out)
+        results[device_side] = io.open_ome_image(out)[...]
+    expected = _pass_through_expected(Normaliser.from_attrs(io.store_attrs(raw_path))(data))
+    if out_dtype == "uint8":
+        assert np.abs(results[True].astype(int) - np.rint(expected * 255)).max() <= 1
+    else:
+        assert np.abs(results[True] - expected).max() < 1e-6
+    assert np.abs(results[True].astype(np.float64) - results[False]).max() <= (1 if out_dtype == "uint8" else 1e-6)
+
+
 def test_the_network_gets_every_thread_and_the_feeders_own_work_one(tmp_path, monkeypatch):
     # On 2 cores, two OpenMP threads for each small element-wise step wait on the core held by the
     # reader or a writer; the network's convolutions still want all of them.

@@ -9,7 +9,10 @@ bilinearly, all through the same grid, so they stay aligned. Where the grid
 reaches past the slice, grid_sample's reflection mirrors the data (the same
 mirror extrapolation as at inference). Gray values then vary by random
 contrast, brightness and noise. Random numbers come from one CPU
-`torch.Generator`, so a run is reproducible and resumable on any device.
+`torch.Generator` (the per-pixel noise from a device generator seeded from
+it), so a run is reproducible and resumable; only those few numbers are
+drawn on the host and copied to the device without waiting for it
+(`device.to_device`), and every per-pixel array is made on the device.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from unet_pipeline.config import defaults
+from unet_pipeline.device import to_device
 
 
 _DEFAULTS = defaults("train")["augment"]  # the config schema holds every default
@@ -52,33 +56,50 @@ def _uniform(gen: torch.Generator, n: int, low: float, high: float) -> torch.Ten
 
 def sampling_grid(
     n: int, in_size: int, slice_shape: tuple[int, int], cfg: AugmentConfig, gen: torch.Generator,
+    device: torch.device | str = "cpu",
 ) -> torch.Tensor:
-    """(n, in, in, 2) source coordinates (x, y) in pixels of the slice, for each tile pixel."""
+    """(n, in, in, 2) source coordinates (x, y) in pixels of the slice, for each tile pixel, on `device`.
+
+    Only the random parameters (a few numbers per tile) are drawn on the host;
+    the per-pixel grid is built on the device. Built on the host it took 11 ms
+    per 572^2 tile and 170 ms for 4 tiles of 892^2 on 2 cores, longer than a
+    training step of the paper's network on a GPU.
+    """
     h, w = slice_shape
-    offsets = torch.arange(in_size, dtype=torch.float64) - (in_size - 1) / 2.0
-    gy, gx = torch.meshgrid(offsets, offsets, indexing="ij")
-    local = torch.stack([gx, gy], dim=-1).expand(n, in_size, in_size, 2).clone()
+    device = torch.device(device)
+    flip = theta = coarse = None
     if cfg.enabled and cfg.flips:
-        flip = torch.rand(n, 2, generator=gen) < 0.5
-        local = local * torch.where(flip, -1.0, 1.0).to(torch.float64)[:, None, None, :]
+        flip = to_device(torch.where(torch.rand(n, 2, generator=gen) < 0.5, -1.0, 1.0).to(torch.float64), device)
     if cfg.enabled and cfg.rotation:
-        theta = _uniform(gen, n, 0.0, 2 * math.pi).to(torch.float64)
+        theta = to_device(_uniform(gen, n, 0.0, 2 * math.pi).to(torch.float64), device)
+    if cfg.enabled and cfg.elastic_sigma_px > 0:
+        coarse = to_device(torch.randn(n, 2, cfg.elastic_grid, cfg.elastic_grid, generator=gen)
+                           * cfg.elastic_sigma_px, device)
+    # The tile centre is uniform over the slice: border pixels get mirrored context.
+    centre = to_device(torch.stack([_uniform(gen, n, 0, w - 1), _uniform(gen, n, 0, h - 1)], dim=-1)
+                       .to(torch.float64), device)
+
+    offsets = torch.arange(in_size, dtype=torch.float64, device=device) - (in_size - 1) / 2.0
+    gy, gx = torch.meshgrid(offsets, offsets, indexing="ij")
+    local = torch.stack([gx, gy], dim=-1).expand(n, in_size, in_size, 2)
+    if flip is not None:
+        local = local * flip[:, None, None, :]
+    if theta is not None:
         c, s = torch.cos(theta)[:, None, None], torch.sin(theta)[:, None, None]
         x, y = local[..., 0], local[..., 1]
         local = torch.stack([c * x - s * y, s * x + c * y], dim=-1)
-    if cfg.enabled and cfg.elastic_sigma_px > 0:
-        coarse = torch.randn(n, 2, cfg.elastic_grid, cfg.elastic_grid, generator=gen) * cfg.elastic_sigma_px
+    if coarse is not None:
         dense = F.interpolate(coarse, size=(in_size, in_size), mode="bicubic", align_corners=True)
         local = local + dense.permute(0, 2, 3, 1).to(torch.float64)
-    # The tile centre is uniform over the slice: border pixels get mirrored context.
-    centre = torch.stack([_uniform(gen, n, 0, w - 1), _uniform(gen, n, 0, h - 1)], dim=-1).to(torch.float64)
     return local + centre[:, None, None, :]
 
 
 def _normalised(grid_px: torch.Tensor, slice_shape: tuple[int, int]) -> torch.Tensor:
+    """Pixel coordinates -> grid_sample's [-1, 1] (scalars only: no host-to-device copy)."""
     h, w = slice_shape
-    scale = torch.tensor([2.0 / max(w - 1, 1), 2.0 / max(h - 1, 1)], dtype=grid_px.dtype, device=grid_px.device)
-    return (grid_px * scale - 1.0).float()
+    x = grid_px[..., 0] * (2.0 / max(w - 1, 1)) - 1.0
+    y = grid_px[..., 1] * (2.0 / max(h - 1, 1)) - 1.0
+    return torch.stack([x, y], dim=-1).float()
 
 
 def sample_tiles(
@@ -89,24 +110,29 @@ def sample_tiles(
 
     The label and weight tiles are the central `out_size` part of the same
     warped grid as the image tile: the network's valid output region.
+    Nothing here waits for the device, so on a GPU the next step's tiles are
+    queued while the current step still runs.
     """
     device = images.device
     slice_shape = tuple(images.shape[-2:])
-    which = torch.randint(0, images.shape[0], (n,), generator=gen)
-    grid = _normalised(sampling_grid(n, in_size, slice_shape, cfg, gen), slice_shape).to(device)
+    idx = to_device(torch.randint(0, images.shape[0], (n,), generator=gen), device)
+    grid = _normalised(sampling_grid(n, in_size, slice_shape, cfg, gen, device), slice_shape)
     margin = (in_size - out_size) // 2
     inner = grid[:, margin:margin + out_size, margin:margin + out_size]
-    idx = which.to(device)
     img = F.grid_sample(images[idx][:, None], grid, mode="bicubic", padding_mode="reflection", align_corners=True)
     lab = F.grid_sample(labels[idx][:, None].float(), inner, mode="nearest", padding_mode="reflection",
                         align_corners=True)
     wts = F.grid_sample(weights[idx][:, None], inner, mode="bilinear", padding_mode="reflection",
                         align_corners=True)
     if cfg.enabled:
-        contrast = _uniform(gen, n, 1 - cfg.contrast, 1 + cfg.contrast).to(device)[:, None, None, None]
-        bright = _uniform(gen, n, -cfg.brightness, cfg.brightness).to(device)[:, None, None, None]
+        contrast = to_device(_uniform(gen, n, 1 - cfg.contrast, 1 + cfg.contrast), device)[:, None, None, None]
+        bright = to_device(_uniform(gen, n, -cfg.brightness, cfg.brightness), device)[:, None, None, None]
         mean = img.mean(dim=(-2, -1), keepdim=True)
         img = (img - mean) * contrast + mean + bright
         if cfg.noise_sigma > 0:
-            img = img + cfg.noise_sigma * torch.randn(img.shape, generator=gen).to(device)
+            # Drawn on the device from a seed drawn on the host: reproducible and resumable,
+            # without a tile-sized host draw and upload every step.
+            seed = int(torch.randint(0, 2**62, (1,), generator=gen))
+            noise_gen = torch.Generator(device=device).manual_seed(seed)
+            img = img + cfg.noise_sigma * torch.randn(img.shape, generator=noise_gen, device=device, dtype=img.dtype)
     return TrainingTiles(img, lab[:, 0].round().long(), wts[:, 0])

@@ -338,8 +338,32 @@ class PredictStats:
     extra: dict = field(default_factory=dict)
 
 
+def _widen_unsigned(x: torch.Tensor) -> torch.Tensor:
+    """Raw values as float32 on their device; uint16/uint32 go through the next wider signed type.
+
+    torch has few kernels for unsigned types wider than 8 bits; reinterpreting
+    the bits as the signed type of the same size and masking works on every
+    device, so 16-bit EM is uploaded as 2 bytes per voxel and converted there.
+    """
+    wide = {torch.uint16: (torch.int16, torch.int32, 0xFFFF), torch.uint32: (torch.int32, torch.int64, 0xFFFFFFFF)}
+    if x.dtype in wide:
+        signed, wider, mask = wide[x.dtype]
+        x = x.view(signed).to(wider).bitwise_and_(mask)
+    return x.float()
+
+
 class _Pipeline:
-    """One job's reader thread, device feeder (the caller) and writer threads."""
+    """One job's reader thread, device feeder (the caller) and writer threads.
+
+    On an accelerator, raw voxels travel in their stored type (1 byte for
+    8-bit EM, 4x fewer than float) and are normalised there, and blocks are
+    converted to the stored dtype there before the copy back. On a CPU, the
+    reader normalises straight into the region and blocks are encoded into
+    host buffers. `DEVICE_SIDE` None picks by device; tests set it True to run
+    the accelerator's arithmetic on a CPU.
+    """
+
+    DEVICE_SIDE: bool | None = None
 
     def __init__(self, predictor: Predictor, raw, out: zarr.Array, out_path: Path, grid: ChunkGrid,
                  strips: list, normalise: Normaliser, out_dtype: str, workers: int, log: CompletionLog,
@@ -348,6 +372,8 @@ class _Pipeline:
         self.strips, self.out_dtype, self.log, self.stats, self.bar = strips, out_dtype, log, stats, bar
         self.device = predictor.device
         self.cuda = self.device.type == "cuda"
+        self.device_side = self.cuda if self.DEVICE_SIDE is None else self.DEVICE_SIDE
+        self.raw_dtype = torch.from_numpy(np.empty(0, raw.dtype)).dtype
         self.normalise = normalise
         self.low, self.scale = normalise.low, normalise.scale
         self.workers = max(1, workers)
@@ -372,8 +398,8 @@ class _Pipeline:
                           tuple(map(max, zip(*[b.stop for b in boxes]))))
                 plan = ChunkPlan.make(box, self.p.cfg, self.p.max_tile)
                 fill = self.reader.read(plan.read)
-                if self.cuda:  # raw bytes travel, 4x fewer than float; normalised on the GPU
-                    slot, host = self.inputs.take(plan.read.shape, torch.uint8)
+                if self.device_side:  # raw values travel in their stored type; normalised on the device
+                    slot, host = self.inputs.take(plan.read.shape, self.raw_dtype)
                     fill(host.numpy(), lambda source, destination: np.copyto(destination, source))
                 else:  # the CPU is the device: normalise here, beside the feeder thread
                     slot, host = self.inputs.take(plan.read.shape, torch.float32)
@@ -391,8 +417,8 @@ class _Pipeline:
             raise item
         indices, plan, slot, host = item
         region = host
-        if self.cuda:
-            region = host.to(self.device, non_blocking=True).float().sub_(self.low).mul_(self.scale)
+        if self.device_side:
+            region = _widen_unsigned(host.to(self.device, non_blocking=self.cuda)).sub_(self.low).mul_(self.scale)
         blocks = [_Block(idx, self.grid.box(idx), 0) for idx in indices]
         jobs = _strip_jobs(plan, blocks)
         return _Strip(plan, region, slot, jobs, unfinished=len(jobs))
@@ -422,9 +448,9 @@ class _Pipeline:
 
     def _emit(self, block: _Block, pool: ThreadPoolExecutor, futures: list) -> None:
         slot, host = self.outputs.take(block.buffer.shape, _TORCH_DTYPES[self.out_dtype])
-        if self.cuda:  # convert on the device: the copy back carries the stored dtype's bytes only
+        if self.device_side:  # convert on the device: the copy back carries the stored dtype's bytes only
             _encode_into(block.buffer, self.out_dtype, encoded := torch.empty_like(host, device=self.device))
-            host.copy_(encoded, non_blocking=True)
+            host.copy_(encoded, non_blocking=self.cuda)
         else:
             _encode_into(block.buffer, self.out_dtype, host)
         self._spare.append(block.buffer)  # stream-ordered on CUDA: the next scatter runs after the encode
