@@ -44,3 +44,14 @@ def test_cpu_threads_sets_and_restores_the_count():
 def test_to_device_on_the_cpu_is_the_same_tensor():
     x = torch.arange(4)
     assert to_device(x, torch.device("cpu")) is x
+
+
+def test_cudnn_picks_its_fastest_convolutions_only_under_autocast_on_cuda(monkeypatch):
+    from unet_pipeline.device import tune_convolutions
+
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    tune_convolutions(torch.device("cpu"), torch.bfloat16)
+    tune_convolutions(torch.device("cuda"), None)  # fp32: the precision chosen for exactness
+    assert torch.backends.cudnn.benchmark is False
+    tune_convolutions(torch.device("cuda"), torch.bfloat16)
+    assert torch.backends.cudnn.benchmark is True

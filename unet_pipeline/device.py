@@ -80,6 +80,17 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     return ieee_fp32() if device.type == "cuda" else contextlib.nullcontext()
 
 
+def tune_convolutions(device: torch.device, dtype: torch.dtype | None) -> None:
+    """Let cuDNN time its convolution algorithms once per input shape and keep the fastest.
+
+    Tiles come in a handful of fixed shapes, so the one-off timing pays for
+    itself within a few batches. Only under autocast: in fp32, the precision
+    chosen for exactness, cuDNN keeps its default algorithm choice.
+    """
+    if device.type == "cuda" and dtype is not None:
+        torch.backends.cudnn.benchmark = True
+
+
 @contextlib.contextmanager
 def ieee_fp32():
     """cuDNN convolutions and CUDA matrix products in IEEE fp32 (no TF32) inside; the settings are restored after."""

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from unet_pipeline.checkpoint import check_training_config, model_from_checkpoint
-from unet_pipeline.device import autocast, resolve_device, resolve_dtype
+from unet_pipeline.device import autocast, resolve_device, resolve_dtype, tune_convolutions
 from unet_pipeline.threads import cpu_threads
 from unet_pipeline.errors import ConfigError
 from unet_pipeline.model import UNetConfig
@@ -122,6 +122,7 @@ class Predictor:
         if self.threads is None:
             self.threads = torch.get_num_threads()
         self.model = self.model.to(self.device).eval()
+        tune_convolutions(self.device, self.dtype)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         if self.batch_size is None:

@@ -36,7 +36,7 @@ from unet_pipeline import io
 from unet_pipeline.augment import AugmentConfig, sample_tiles
 from unet_pipeline.checkpoint import load_checkpoint, save_checkpoint
 from unet_pipeline.config import defaults
-from unet_pipeline.device import autocast, resolve_device, resolve_dtype
+from unet_pipeline.device import autocast, resolve_device, resolve_dtype, tune_convolutions
 from unet_pipeline.errors import ConfigError, InputError
 from unet_pipeline.metrics import aggregate, slice_statistics
 from unet_pipeline.model import UNet, UNetConfig
@@ -219,6 +219,7 @@ def train(
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
         torch.cuda.set_device(device)
     dtype = resolve_dtype(cfg.precision, device)
+    tune_convolutions(device, dtype)
     in_size = model_cfg.input_size(cfg.tile_size)
 
     torch.manual_seed(cfg.seed)
