@@ -26,6 +26,7 @@ test-fast: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -m "not slow and not slurm" $(ARGS)
 
 bench: setup
+	$(BIN)/python -m pip install --quiet -r requirements-bench.txt
 	for b in benchmarks/*.py; do $(BIN)/python $$b || exit 1; done
 
 clean:

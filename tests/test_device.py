@@ -1,10 +1,9 @@
-"""Device, precision and thread choices (device.py, threads.py) that hold on any machine."""
+"""Device and precision choices (device.py) that hold on any machine."""
 import pytest
 import torch
 
 from unet_pipeline.device import autocast, ieee_fp32, resolve_device, resolve_dtype, to_device
 from unet_pipeline.errors import ConfigError
-from unet_pipeline.threads import cpu_threads
 
 
 def test_precision_choices_and_their_errors():
@@ -29,16 +28,6 @@ def test_fp32_on_cuda_turns_tf32_off_and_restores_the_settings():
     # autocast(cuda, None) is that context; a CPU needs none.
     assert type(autocast(torch.device("cuda"), None)).__name__ == type(ieee_fp32()).__name__
     assert type(autocast(torch.device("cpu"), None)).__name__ == "nullcontext"
-
-
-def test_cpu_threads_sets_and_restores_the_count():
-    before = torch.get_num_threads()
-    with cpu_threads(1):
-        assert torch.get_num_threads() == 1
-    assert torch.get_num_threads() == before
-    with pytest.raises(RuntimeError), cpu_threads(1):
-        raise RuntimeError("restored on errors too")
-    assert torch.get_num_threads() == before
 
 
 def test_to_device_on_the_cpu_is_the_same_tensor():

@@ -221,35 +221,6 @@ def test_the_accelerators_data_path_gives_the_cpu_paths_result(tmp_path, monkeyp
     assert np.abs(results[True].astype(np.float64) - results[False]).max() <= (1 if out_dtype == "uint8" else 1e-6)
 
 
-def test_the_network_gets_every_thread_and_the_feeders_own_work_one(tmp_path, monkeypatch):
-    # On 2 cores, two OpenMP threads for each small element-wise step wait on the core held by the
-    # reader or a writer; the network's convolutions still want all of them.
-    from unet_pipeline import predict
-    from unet_pipeline.inference import PassThroughNet
-
-    seen = {"network": set(), "encode": set()}
-
-    class Recording(PassThroughNet):
-        def forward(self, x):
-            seen["network"].add(torch.get_num_threads())
-            return super().forward(x)
-
-    encode = predict._encode_into
-    monkeypatch.setattr(predict, "_encode_into",
-                        lambda *a: (seen["encode"].add(torch.get_num_threads()), encode(*a))[1])
-    raw_path, _ = _raw_store(tmp_path, (1, 100, 100))
-    ckpt = _checkpoint(tmp_path / "m.pt")
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        predictor = Predictor(Recording(MODEL), torch.device("cpu"), max_tile=52)
-        predict_volume(predictor, raw_path, tmp_path / "p.ome.zarr", ckpt, chunks=(1, 50, 50), progress=False)
-        assert seen == {"network": {2}, "encode": {1}}
-        assert torch.get_num_threads() == 2  # restored for the caller
-    finally:
-        torch.set_num_threads(before)
-
-
 def test_jobs_split_strips_and_write_one_file_per_block(tmp_path):
     from unet_pipeline.inference import PassThroughNet
 

@@ -26,7 +26,6 @@ from torch import nn
 
 from unet_pipeline.checkpoint import check_training_config, model_from_checkpoint
 from unet_pipeline.device import autocast, resolve_device, resolve_dtype, tune_convolutions
-from unet_pipeline.threads import cpu_threads
 from unet_pipeline.errors import ConfigError
 from unet_pipeline.model import UNetConfig
 from unet_pipeline.tiling import Box, ChunkPlan, read_mirrored
@@ -99,9 +98,6 @@ class Predictor:
 
     `batch_size` counts network inputs per forward pass, test-time
     augmentation copies included, so it bounds device memory whatever the TTA.
-    `threads` is the number of CPU threads the network's forward pass runs on
-    (None: torch's count when the predictor is made), whatever count the
-    caller runs its own element-wise work on (`device.cpu_threads`).
     """
 
     model: nn.Module
@@ -112,15 +108,12 @@ class Predictor:
     batch_size: int | None = None
     channels_last: bool = True
     compile: bool = False
-    threads: int | None = None
     _net: nn.Module = field(init=False, repr=False)
     _compiled: bool = field(init=False, default=False, repr=False)
 
     def __post_init__(self):
         cfg = self.model.cfg
         cfg.check_output_size(self.max_tile, "predict.tile_size")
-        if self.threads is None:
-            self.threads = torch.get_num_threads()
         self.model = self.model.to(self.device).eval()
         tune_convolutions(self.device, self.dtype)
         if self.channels_last:
@@ -146,7 +139,7 @@ class Predictor:
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         # No memory-format conversion of the 1-channel input: the first
         # convolution lays it out like its channels_last weights.
-        with autocast(self.device, self.dtype), cpu_threads(self.threads):
+        with autocast(self.device, self.dtype):
             if not self._compiled:
                 return self.model(x)
             try:

@@ -55,7 +55,6 @@ from unet_pipeline.inference import Predictor, stack_tiles
 from unet_pipeline.preprocess import Normaliser
 from unet_pipeline.provenance import derive_fingerprint, store_fingerprint
 from unet_pipeline.shards import ShardCodec, write_shard
-from unet_pipeline.threads import cpu_threads
 from unet_pipeline.tiling import Box, ChunkGrid, ChunkPlan, mirror_indices
 
 PROGRESS_DIR = "unet_progress"
@@ -475,12 +474,6 @@ class _Pipeline:
 
     # -- stage 2: the device feeder
     def run(self) -> None:
-        # On a CPU, the feeder's own element-wise work runs on one thread; the
-        # network keeps its threads (`Predictor.threads`).
-        with cpu_threads(1 if self.device.type == "cpu" else torch.get_num_threads()):
-            self._feed()
-
-    def _feed(self) -> None:
         ready: queue.Queue = queue.Queue(maxsize=READ_AHEAD)
         reader = threading.Thread(target=self._read_all, args=(ready,), daemon=True, name="predict-reader")
         reader.start()

@@ -2,14 +2,19 @@
 
 Prediction runs a reader thread (decoding, normalisation) and writer threads
 (compression) beside the thread that runs the network. On few cores,
-torch's OpenMP threads must not hold cores they are not using: they sleep
-between operations (`prefer_sleeping_openmp_threads`), and element-wise
-host work runs on one thread while the network gets all of them
-(`cpu_threads`).
+torch's OpenMP threads must not hold cores they are not using, so they sleep
+between operations (`prefer_sleeping_openmp_threads`).
+
+Tried and dropped: running the feeder's small element-wise steps on one
+thread and the network on all, by switching `torch.set_num_threads` around
+each forward pass. It raised the zero-cost data path from 107 to 119
+Mvoxel/s on 2 cores, but every switch clears oneDNN's cache of prepared
+convolutions (ATen's `set_num_threads` does), and the real 16-channel
+network ran 12-15% slower end to end (1.09 vs 1.24 Mvoxel/s, alternating
+runs in one process). The thread count stays fixed for the whole job.
 """
 from __future__ import annotations
 
-import contextlib
 import os
 
 
@@ -20,27 +25,3 @@ def prefer_sleeping_openmp_threads() -> None:
     wins. Measured on 2 cores: +20% data-path throughput, the same network speed.
     """
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-
-@contextlib.contextmanager
-def cpu_threads(count: int):
-    """Run torch's CPU operations inside on `count` OpenMP threads, then restore the previous count.
-
-    The setting is process-wide and costs well under a microsecond to change,
-    so the prediction pipeline keeps its element-wise host work (cutting,
-    scattering and encoding tiles) on one thread and gives the network all
-    of them: on 2 cores, two OpenMP threads for a 0.2 ms sigmoid wait on the
-    core that the reader or a writer holds (measured: data path 107 -> 117
-    Mvoxel/s with the zero-cost network).
-    """
-    import torch
-
-    before = torch.get_num_threads()
-    if count == before:
-        yield
-        return
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
