@@ -221,6 +221,16 @@ def test_the_accelerators_data_path_gives_the_cpu_paths_result(tmp_path, monkeyp
     assert np.abs(results[True].astype(np.float64) - results[False]).max() <= (1 if out_dtype == "uint8" else 1e-6)
 
 
+def test_unsigned_raw_values_keep_their_whole_range_on_the_way_to_float():
+    from unet_pipeline.predict import _widen_unsigned
+
+    for dtype, top in ((np.uint8, 255), (np.uint16, 65535), (np.uint32, 4294967295)):
+        values = np.array([0, 1, top // 2, top - 1, top], dtype=dtype)
+        got = _widen_unsigned(torch.from_numpy(values))
+        assert got.dtype == torch.float32
+        assert np.array_equal(got.numpy(), values.astype(np.float32)), dtype
+
+
 def test_jobs_split_strips_and_write_one_file_per_block(tmp_path):
     from unet_pipeline.inference import PassThroughNet
 
