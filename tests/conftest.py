@@ -52,3 +52,49 @@ def conformance():
 
     return (np.load(CONFORMANCE / "gt.npy"), np.load(CONFORMANCE / "prop.npy"),
             json.loads((CONFORMANCE / "expected.json").read_text()))
+
+
+def raw_store(tmp_path: Path, shape, seed: int = 0, dtype=np.uint8, chunks=(1, 256, 256)):
+    """A preprocessed raw store of random voxels (up to 255, or 60000 for 16-bit); returns (path, voxels)."""
+    from unet_pipeline.preprocess import preprocess
+
+    top = 60000 if np.dtype(dtype) == np.uint16 else 255  # 16-bit values far above 255
+    data = (np.random.default_rng(seed).random(shape) * top).astype(dtype)
+    tifffile.imwrite(tmp_path / "raw.tif", data, photometric="minisblack")
+    preprocess(tmp_path / "raw.tif", tmp_path / "raw.ome.zarr", chunks=chunks)
+    return tmp_path / "raw.ome.zarr", data
+
+
+def random_checkpoint(path: Path, cfg):
+    """A checkpoint of an untrained network of `cfg`, the same weights every time."""
+    import torch
+
+    from unet_pipeline.checkpoint import save_checkpoint
+    from unet_pipeline.model import UNet
+
+    torch.manual_seed(0)
+    save_checkpoint(path, {"model": UNet(cfg).state_dict(), "model_config": cfg.to_dict()})
+    return path
+
+
+def whole_slice_probability(model, normalised: np.ndarray, device: str = "cpu") -> np.ndarray:
+    """The reference for overlap-tile prediction: each slice in one pass, mirror-padded by the context margin.
+
+    A valid output is 4 + 8k px here, so a little more is computed and cropped.
+    fp32 throughout (IEEE on CUDA: `device.autocast` with no dtype).
+    """
+    import torch
+
+    from unet_pipeline.device import autocast
+
+    cfg, (_, h, w) = model.cfg, normalised.shape
+    m = cfg.context_margin
+    out_h = next(s for s in range(h, h + 64) if cfg.is_valid_output_size(s))
+    out_w = next(s for s in range(w, w + 64) if cfg.is_valid_output_size(s))
+    whole = []
+    for z in range(normalised.shape[0]):
+        padded = np.pad(normalised[z], ((m, m + out_h - h), (m, m + out_w - w)), mode="reflect")
+        with torch.inference_mode(), autocast(torch.device(device), None):
+            logits = model(torch.from_numpy(padded)[None, None].to(device))
+        whole.append(torch.softmax(logits, 1)[0, 1, :h, :w].cpu().numpy())
+    return np.stack(whole)

@@ -11,12 +11,12 @@ import torch
 
 from unet_pipeline import io
 from unet_pipeline.augment import AugmentConfig, sample_tiles
-from unet_pipeline.device import ieee_fp32
 from unet_pipeline.inference import PassThroughNet, Predictor, load_predictor, tta_transforms
 from unet_pipeline.model import UNet, UNetConfig
 from unet_pipeline.predict import gather, predict_volume
 from unet_pipeline.preprocess import Normaliser
 from unet_pipeline.train import weighted_cross_entropy
+from tests.conftest import random_checkpoint, raw_store, whole_slice_probability
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -26,29 +26,13 @@ GPU = "cuda"
 
 
 def _raw_store(tmp_path, dtype=np.uint8):
-    import tifffile
-
-    from unet_pipeline.preprocess import preprocess
-
-    top = 60000 if dtype == np.uint16 else 255
-    data = (np.random.default_rng(0).random((3, 300, 420)) * top).astype(dtype)
-    tifffile.imwrite(tmp_path / "raw.tif", data, photometric="minisblack")
-    preprocess(tmp_path / "raw.tif", tmp_path / "raw.ome.zarr", chunks=(1, 128, 128))
-    return tmp_path / "raw.ome.zarr"
-
-
-def _checkpoint(path):
-    from unet_pipeline.checkpoint import save_checkpoint
-
-    torch.manual_seed(0)
-    save_checkpoint(path, {"model": UNet(MODEL).state_dict(), "model_config": MODEL.to_dict()})
-    return path
+    return raw_store(tmp_path, (3, 300, 420), dtype=dtype, chunks=(1, 128, 128))[0]
 
 
 @pytest.mark.parametrize("raw_dtype", [np.uint8, np.uint16])
 def test_cuda_prediction_equals_the_whole_slice_pass_and_the_cpu(tmp_path, raw_dtype):
     raw_path = _raw_store(tmp_path, raw_dtype)
-    ckpt = _checkpoint(tmp_path / "m.pt")
+    ckpt = random_checkpoint(tmp_path / "m.pt", MODEL)
     results = {}
     for device in ("cpu", GPU):
         predictor = load_predictor(ckpt, device, "fp32", "none", tile_size=116)
@@ -60,23 +44,14 @@ def test_cuda_prediction_equals_the_whole_slice_pass_and_the_cpu(tmp_path, raw_d
     # The issue-10 guarantee on the GPU itself: chunked == one whole-slice pass to 1e-5 in fp32.
     normalised = Normaliser.from_attrs(io.store_attrs(raw_path))(io.open_ome_image(raw_path)[...])
     model = load_predictor(ckpt, GPU, "fp32", "none", tile_size=116).model
-    m, (_, h, w) = MODEL.context_margin, normalised.shape
-    out_h = next(s for s in range(h, h + 64) if MODEL.is_valid_output_size(s))
-    out_w = next(s for s in range(w, w + 64) if MODEL.is_valid_output_size(s))
-    whole = []
-    for z in range(normalised.shape[0]):  # each slice in one pass, mirror-padded by the context margin
-        padded = np.pad(normalised[z], ((m, m + out_h - h), (m, m + out_w - w)), mode="reflect")
-        with torch.inference_mode(), ieee_fp32():
-            logits = model(torch.from_numpy(padded)[None, None].to(GPU))
-        whole.append(torch.softmax(logits, 1)[0, 1, :h, :w].cpu().numpy())
-    assert np.abs(results["cuda"] - np.stack(whole)).max() < 1e-5
+    assert np.abs(results["cuda"] - whole_slice_probability(model, normalised, GPU)).max() < 1e-5
     # precision fp32 turns TF32 off (device.ieee_fp32): cuDNN and oneDNN differ only in the order of sums.
     assert np.abs(results["cuda"] - results["cpu"]).max() < 1e-4
 
 
 def test_cuda_data_path_with_test_time_augmentation_and_uint8_output(tmp_path):
     raw_path = _raw_store(tmp_path)
-    ckpt = _checkpoint(tmp_path / "m.pt")
+    ckpt = random_checkpoint(tmp_path / "m.pt", MODEL)
     results = {}
     for device in ("cpu", GPU):
         predictor = Predictor(PassThroughNet(MODEL), torch.device(device), None, tta_transforms("d4"), 52, 16)

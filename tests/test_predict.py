@@ -11,30 +11,23 @@ import torch
 import zarr
 
 from unet_pipeline import io
-from unet_pipeline.checkpoint import save_checkpoint
 from unet_pipeline.errors import ConfigError, InputError
 from unet_pipeline.model import UNet, UNetConfig
 from unet_pipeline.blockstore import CompletionLog
 from unet_pipeline.inference import Predictor, load_predictor
 from unet_pipeline.predict import gather, predict_volume
 from unet_pipeline.preprocess import preprocess
+from tests.conftest import random_checkpoint, raw_store, whole_slice_probability
 
 MODEL = UNetConfig(base_channels=4, depth=3, dropout=0.0)
 
 
 def _checkpoint(path, cfg=MODEL):
-    torch.manual_seed(0)
-    save_checkpoint(path, {"model": UNet(cfg).state_dict(), "model_config": cfg.to_dict()})
-    return path
+    return random_checkpoint(path, cfg)
 
 
 def _raw_store(tmp_path, shape, seed=0):
-    import tifffile
-
-    data = (np.random.default_rng(seed).random(shape) * 255).astype(np.uint8)
-    tifffile.imwrite(tmp_path / "raw.tif", data, photometric="minisblack")
-    preprocess(tmp_path / "raw.tif", tmp_path / "raw.ome.zarr", chunks=(1, 256, 256))
-    return tmp_path / "raw.ome.zarr", data
+    return raw_store(tmp_path, shape, seed)
 
 
 def test_chunked_prediction_equals_whole_slice_prediction(tmp_path):
@@ -48,20 +41,7 @@ def test_chunked_prediction_equals_whole_slice_prediction(tmp_path):
     from unet_pipeline.preprocess import Normaliser
 
     norm = Normaliser.from_attrs(io.store_attrs(raw_path))(data)
-    # One pass per slice: the whole slice mirror-padded by the context margin.
-    model = predictor.model
-    m = MODEL.context_margin
-    whole = []
-    for z in range(3):
-        padded = np.pad(norm[z], m, mode="reflect")
-        # A valid output must be 4 + 8k here; compute a bit more and crop.
-        need_y = next(s for s in range(517, 700) if MODEL.is_valid_output_size(s))
-        need_x = next(s for s in range(1033, 1200) if MODEL.is_valid_output_size(s))
-        padded = np.pad(norm[z], ((m, m + need_y - 517), (m, m + need_x - 1033)), mode="reflect")
-        with torch.inference_mode():
-            logits = model(torch.from_numpy(padded)[None, None])
-        whole.append(torch.softmax(logits, 1)[0, 1, :517, :1033].numpy())
-    assert np.abs(chunked - np.stack(whole)).max() < 1e-5
+    assert np.abs(chunked - whole_slice_probability(predictor.model, norm)).max() < 1e-5
 
 
 def test_test_time_augmentation_is_invariant_for_symmetric_input(tmp_path):
@@ -191,17 +171,11 @@ def test_every_output_voxel_comes_from_its_own_input_and_input_is_read_once(tmp_
 def test_the_accelerators_data_path_gives_the_cpu_paths_result(tmp_path, monkeypatch, raw_dtype, out_dtype):
     # The CUDA path uploads raw values in their stored type, normalises them on the device and encodes
     # blocks there; run that arithmetic on the CPU (DEVICE_SIDE) and compare with the CPU path.
-    import tifffile
-
     from unet_pipeline import predict
     from unet_pipeline.inference import PassThroughNet
     from unet_pipeline.preprocess import Normaliser
 
-    top = 60000 if raw_dtype == np.uint16 else 255  # 16-bit values far above 255 must survive the upload
-    data = (np.random.default_rng(3).random((2, 150, 170)) * top).astype(raw_dtype)
-    tifffile.imwrite(tmp_path / "raw.tif", data, photometric="minisblack")
-    raw_path = tmp_path / "raw.ome.zarr"
-    preprocess(tmp_path / "raw.tif", raw_path, chunks=(1, 64, 64))
+    raw_path, data = raw_store(tmp_path, (2, 150, 170), seed=3, dtype=raw_dtype, chunks=(1, 64, 64))
     assert io.open_ome_image(raw_path).dtype == raw_dtype
     ckpt = _checkpoint(tmp_path / "m.pt")
     predictor = Predictor(PassThroughNet(MODEL), torch.device("cpu"), max_tile=52, batch_size=2)
