@@ -17,3 +17,11 @@ def median_seconds(fn, repeats: int = 3) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def sync(device) -> None:
+    """Wait for a GPU's queued work, so that a timer measures it; a no-op on a CPU."""
+    if device.type == "cuda":
+        import torch  # here, so that importing this module does not import torch early
+
+        torch.cuda.synchronize(device)

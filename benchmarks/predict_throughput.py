@@ -52,6 +52,7 @@ import numpy as np  # noqa: E402
 import tifffile  # noqa: E402
 import torch  # noqa: E402
 
+from common import sync  # noqa: E402
 from unet_pipeline import io  # noqa: E402
 from unet_pipeline.checkpoint import save_checkpoint  # noqa: E402
 from unet_pipeline.device import resolve_device, resolve_dtype  # noqa: E402
@@ -102,11 +103,6 @@ def run_predict(predictor, raw_path: Path, ckpt: Path, tmp: Path, tag: str):
         shutil.rmtree(tmp / f"{tag}-{i - 1}.ome.zarr", ignore_errors=True)
         predict_volume(predictor, raw_path, tmp / f"{tag}-{i}.ome.zarr", ckpt, CHUNKS, "float16", progress=False)
     return once
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def bare_forward(model, cfg, device, dtype, transforms, tiles_total: int, repeats: int, try_compile: bool):

@@ -28,6 +28,7 @@ prefer_sleeping_openmp_threads()  # as the CLI does, before torch is imported: m
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from common import sync  # noqa: E402
 from unet_pipeline.augment import AugmentConfig, sample_tiles  # noqa: E402
 from unet_pipeline.device import autocast, resolve_device, resolve_dtype  # noqa: E402
 from unet_pipeline.model import UNet, UNetConfig  # noqa: E402
@@ -37,11 +38,6 @@ from unet_pipeline.weights import weight_map  # noqa: E402
 
 # (measured steps, loss read every, checkpoint every) per device type; the first read is the warm-up.
 CADENCE = {"cpu": (60, 5, 20), "cuda": (500, 50, 500)}
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def bare_loop(MODEL, TILE, batch, device, dtype, steps: int) -> float:
