@@ -94,3 +94,13 @@ def test_every_subcommand_reports_bad_input_as_one_sentence_and_exit_2(tmp_path,
         assert expected in err[-1], (expected, err[-1])
         assert not any("Traceback" in line for line in err)
     assert not (tmp_path / "out.json").exists()  # a refused evaluation writes nothing
+
+
+def test_bad_numbers_on_the_command_line_are_one_sentence_and_exit_2(tmp_path):
+    base = ["predict", "--raw", str(tmp_path / "r"), "--checkpoint", str(tmp_path / "c"), "--out", str(tmp_path / "o")]
+    for extra, named in ((["--tile-size", "0"], "--tile-size"), (["--chunks", "0,64,64"], "--chunks"),
+                         (["--chunks", "1,64"], "--chunks"), (["--threads", "0"], "--threads")):
+        r = _run(*base, *extra)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1, (extra, r.stderr)
+        assert lines[0].startswith(f"unet-pipeline predict: error: argument {named}: expected"), lines

@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 import torch
 
+from unet_pipeline.checkpoint import load_checkpoint
 from unet_pipeline.model import UNetConfig
 from unet_pipeline.train import SliceSet, TrainConfig, train, train_data_parallel, weighted_cross_entropy
 from unet_pipeline.weights import weight_map
@@ -35,10 +36,10 @@ def test_resume_gives_identical_weights(slices, tmp_path):
     tr, va = slices
     train(MODEL, _cfg(6), tr, va, tmp_path / "straight", progress=False)
     train(MODEL, _cfg(6), tr, va, tmp_path / "split", progress=False, max_steps_now=3)
-    assert torch.load(tmp_path / "split" / "last.pt", weights_only=False)["step"] == 3
+    assert load_checkpoint(tmp_path / "split" / "last.pt")["step"] == 3
     train(MODEL, _cfg(6), tr, va, tmp_path / "split", progress=False, resume=True)
-    a = torch.load(tmp_path / "straight" / "last.pt", weights_only=False)
-    b = torch.load(tmp_path / "split" / "last.pt", weights_only=False)
+    a = load_checkpoint(tmp_path / "straight" / "last.pt")
+    b = load_checkpoint(tmp_path / "split" / "last.pt")
     assert b["step"] == 6
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
@@ -50,7 +51,7 @@ def test_changed_config_starts_a_new_run_instead_of_resuming(slices, tmp_path):
     tr, va = slices
     train(MODEL, _cfg(2), tr, None, tmp_path, progress=False)
     train(MODEL, _cfg(3, learning_rate=0.01), tr, None, tmp_path, progress=False, resume=True)
-    assert torch.load(tmp_path / "last.pt", weights_only=False)["step"] == 3
+    assert load_checkpoint(tmp_path / "last.pt")["step"] == 3
     assert len((tmp_path / "training_log.csv").read_text().splitlines()) == 4
 
 
@@ -67,13 +68,13 @@ def test_resumed_log_is_whole_even_when_the_workflow_removed_the_outputs(slices,
 def test_a_finished_run_is_trained_again_not_resumed_for_zero_steps(slices, tmp_path):
     tr, va = slices
     train(MODEL, _cfg(4), tr, va, tmp_path, progress=False)
-    first = torch.load(tmp_path / "model.pt", weights_only=False)
+    first = load_checkpoint(tmp_path / "model.pt")
     for output in ("model.pt", "training_log.csv"):
         (tmp_path / output).unlink()
     train(MODEL, _cfg(4), tr, va, tmp_path, progress=False, resume=True)
     log = (tmp_path / "training_log.csv").read_text().splitlines()
     assert [line.split(",")[0] for line in log[1:]] == ["1", "2", "3", "4"]
-    again = torch.load(tmp_path / "model.pt", weights_only=False)
+    again = load_checkpoint(tmp_path / "model.pt")
     assert all(torch.equal(first["model"][k], again["model"][k]) for k in first["model"])  # same data, same run
 
 
@@ -82,15 +83,15 @@ def test_new_training_data_starts_a_new_run(slices, tmp_path):
     train(MODEL, _cfg(6), tr, va, tmp_path, progress=False, max_steps_now=3)
     reweighted = SliceSet(tr.images, tr.labels, tr.weights * 2)
     train(MODEL, _cfg(6), reweighted, va, tmp_path, progress=False, resume=True, max_steps_now=1)
-    assert torch.load(tmp_path / "last.pt", weights_only=False)["step"] == 1
+    assert load_checkpoint(tmp_path / "last.pt")["step"] == 1
 
 
 def test_training_is_deterministic_on_cpu(slices, tmp_path):
     tr, va = slices
     train(MODEL, _cfg(3), tr, None, tmp_path / "a", progress=False)
     train(MODEL, _cfg(3), tr, None, tmp_path / "b", progress=False)
-    a = torch.load(tmp_path / "a" / "model.pt", weights_only=False)["model"]
-    b = torch.load(tmp_path / "b" / "model.pt", weights_only=False)["model"]
+    a = load_checkpoint(tmp_path / "a" / "model.pt")["model"]
+    b = load_checkpoint(tmp_path / "b" / "model.pt")["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -99,7 +100,7 @@ def test_validation_keeps_best_checkpoint_and_logs(slices, tmp_path):
     best = train(MODEL, _cfg(6), tr, va, tmp_path, progress=False)
     log = (tmp_path / "training_log.csv").read_text().splitlines()
     assert log[0].startswith("step,loss") and len(log) == 7
-    assert torch.load(best, weights_only=False)["best_val_rand_error"] <= 1.0
+    assert load_checkpoint(best)["best_val_rand_error"] <= 1.0
 
 
 def test_data_parallel_on_cpu_with_gloo(slices, tmp_path):
@@ -123,3 +124,44 @@ def test_loss_is_read_every_log_every_steps_as_the_mean_since_the_last_read(slic
     assert sorted(sparse) == [3, 6, 7]  # every 3 steps, and the last step
     assert sparse[3] == pytest.approx(np.mean([dense[s] for s in (1, 2, 3)]), rel=1e-5)
     assert sparse[7] == pytest.approx(dense[7], rel=1e-5)
+
+
+def test_a_kill_during_the_final_validation_publishes_the_model_without_training_again(slices, tmp_path,
+                                                                                        monkeypatch):
+    from unet_pipeline import train as train_module
+
+    tr, va = slices
+    train(MODEL, _cfg(6), tr, va, tmp_path / "straight", progress=False)
+    real_validate = train_module.validate
+
+    def killed_at_the_last_step(model, data, *args):
+        if killed_at_the_last_step.calls == 1:  # validations at steps 3 and 6: die in the second
+            raise KeyboardInterrupt("kill -9 during the final validation")
+        killed_at_the_last_step.calls += 1
+        return real_validate(model, data, *args)
+
+    killed_at_the_last_step.calls = 0
+    monkeypatch.setattr(train_module, "validate", killed_at_the_last_step)
+    with pytest.raises(KeyboardInterrupt):
+        train(MODEL, _cfg(6), tr, va, tmp_path / "killed", progress=False)
+    assert not (tmp_path / "killed" / "model.pt").exists()
+    assert load_checkpoint(tmp_path / "killed" / "last.pt")["step"] == 6
+    monkeypatch.setattr(train_module, "validate", real_validate)
+    steps = []
+    monkeypatch.setattr(train_module, "sample_tiles", lambda *a: steps.append(1))
+    train(MODEL, _cfg(6), tr, va, tmp_path / "killed", progress=False, resume=True)
+    assert steps == []  # not one training step repeated
+    a = load_checkpoint(tmp_path / "straight" / "model.pt")
+    b = load_checkpoint(tmp_path / "killed" / "model.pt")
+    assert a["step"] == b["step"] and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert (tmp_path / "killed" / "training_log.csv").read_text().splitlines()[-1].split(",")[0] == "6"
+    assert a["log"][-1]["val_rand_error"] == b["log"][-1]["val_rand_error"] != ""
+
+
+def test_the_log_names_the_checkpoint_that_became_the_model(slices, tmp_path, caplog):
+    tr, va = slices
+    with caplog.at_level("INFO"):
+        train(MODEL, _cfg(6), tr, va, tmp_path, progress=False)
+    chosen = load_checkpoint(tmp_path / "model.pt")
+    assert f"model.pt: the checkpoint of step {chosen['step']}, best validation Rand error" in caplog.text
+    assert "training on cpu" in caplog.text

@@ -98,9 +98,9 @@ def test_whole_workflow_runs_and_outputs_open_in_ome_zarr_reader(finished_run):
     again = snakemake(workdir, "-n")
     assert "Nothing to be done" in again.stdout + again.stderr
     # The checkpoint holds the resolved training config; predict checks it against its own.
-    import torch
+    from unet_pipeline.checkpoint import load_checkpoint
 
-    stored = torch.load(results / "model" / "model.pt", weights_only=False)["config"]
+    stored = load_checkpoint(results / "model" / "model.pt")["config"]
     assert stored["train"]["steps"] == TINY["train"]["steps"] and set(stored["datasets"]) == {"train"}
 
 

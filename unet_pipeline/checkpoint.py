@@ -1,17 +1,22 @@
 """Checkpoint files: everything needed to resume training exactly or to predict.
 
 A checkpoint holds the model weights and its `UNetConfig`, the optimiser, the
-step, every RNG state, the run's config and the package version. Files are
-written atomically (temporary file + rename), so a killed job leaves either
-the previous checkpoint or the new one, never a truncated file.
+step, every RNG state, the run's config and the package version: tensors and
+plain data only. Checkpoints travel between labs, so they are loaded with
+torch's restricted unpickler (`weights_only=True`): a file whose pickle asks
+for any other object (a class, a function such as `os.system`) is refused
+before anything in it runs. Files are written atomically (temporary file +
+rename), so a killed job leaves either the previous checkpoint or the new
+one, never a truncated file.
 """
 from __future__ import annotations
 
 import hashlib
+import io as _bytes_io
 import logging
 import os
-import pickle
-import zipfile
+import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -25,21 +30,49 @@ log = logging.getLogger(__name__)
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
+    """Write `state` atomically and durably.
+
+    The bytes are built in memory first and written with an ordinary file
+    write: torch's own writer reports a full disk as "unexpected pos ...",
+    naming neither the file nor the cause; a plain write raises OSError
+    (ENOSPC) that `atomic_file` attributes to `path`.
+    """
+    buffer = _bytes_io.BytesIO()
+    torch.save({**state, "version": __version__}, buffer)
     with atomic_file(path, durable=True) as tmp:
-        torch.save({**state, "version": __version__}, tmp)
+        with open(tmp, "wb") as fh:
+            fh.write(buffer.getbuffer())
 
 
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
+    """The checkpoint's contents, loaded without executing anything from the file (tensors and plain data)."""
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: checkpoint not found; run the train stage first or fix predict.checkpoint.")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=False)
-    except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError, ValueError, OSError) as exc:
-        raise InputError(f"{path}: not a readable checkpoint ({exc}).") from exc
+        with warnings.catch_warnings():  # torch warns about pickle protocols before refusing a foreign file
+            warnings.simplefilter("ignore", UserWarning)
+            state = torch.load(path, map_location=map_location, weights_only=True)
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read the checkpoint ({exc.strerror or exc}).") from exc
+    except Exception as exc:  # noqa: BLE001 - whatever a damaged or hostile file makes the unpickler raise
+        raise InputError(f"{path}: not a checkpoint this package can load safely ({_load_failure(exc)}); "
+                         "use a model.pt written by `unet-pipeline train`.") from None
     if not isinstance(state, dict) or "model" not in state or "model_config" not in state:
         raise InputError(f"{path}: not a unet-pipeline checkpoint (no model weights or model config).")
     return state
+
+
+def _load_failure(exc: Exception) -> str:
+    """A short reason for a refused checkpoint: the object it asked for, or the kind of damage."""
+    text = str(exc)
+    found = re.search(r"unsupported GLOBAL (\S+)", text) or re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if found:
+        return f"it holds a Python object ({found.group(1)}), not only tensors and plain data"
+    if isinstance(exc, (MemoryError, OverflowError, EOFError)) or "Weights only load failed" in text:
+        return "the file is damaged or is not a PyTorch checkpoint"
+    first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    return first[:160]
 
 
 def model_from_checkpoint(path: str | os.PathLike, expected: UNetConfig | None = None,

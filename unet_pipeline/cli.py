@@ -24,11 +24,36 @@ from unet_pipeline.threads import prefer_sleeping_openmp_threads
 CHUNKS_PER_FILE_HELP = "chunks per Zarr v3 shard (one file; for predict also one unit of work), default 1,8,8; 1,1,1 = no sharding"
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors as the one sentence every subcommand promises: no usage block, exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}; see `{self.prog} --help`\n")
+
+
 def _ints(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(v) for v in text.replace("x", ",").split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _zyx(text: str) -> tuple[int, int, int]:
+    """Three positive integers Z,Y,X (a chunk shape, chunks per file)."""
+    values = _ints(text)
+    if len(values) != 3 or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected three positive integers Z,Y,X, got {text!r}")
+    return values
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -214,13 +239,13 @@ def build_parser() -> argparse.ArgumentParser:
     schema = load_schema()
     synth = {k: v["default"] for k, v in schema["$defs"]["synthetic_stack"]["properties"].items()}
     label_format = schema["properties"]["datasets"]["additionalProperties"]["properties"]["label_format"]
-    p = argparse.ArgumentParser(prog="unet-pipeline", description=__doc__.splitlines()[0])
+    p = _Parser(prog="unet-pipeline", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("synth", help="generate an EM-like stack with exact ground truth")
     s.add_argument("--out-raw", required=True)
     s.add_argument("--out-labels", required=True)
-    s.add_argument("--slices", type=int, default=synth["slices"])
+    s.add_argument("--slices", type=_positive, default=synth["slices"])
     s.add_argument("--shape", type=_ints, default=tuple(synth["shape"]), help="Y,X in pixels")
     s.add_argument("--seed", type=int, default=synth["seed"])
     s.add_argument("--cell-diameter-px", type=float, default=synth["cell_diameter_px"])
@@ -231,8 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out-raw", help="raw OME-Zarr to write (omit to write only labels)")
     s.add_argument("--labels")
     s.add_argument("--out-labels")
-    s.add_argument("--chunks", type=_ints, default=tuple(pre["chunks"]), help="Z,Y,X")
-    s.add_argument("--chunks-per-file", type=_ints, default=tuple(pre["chunks_per_file"]), help=CHUNKS_PER_FILE_HELP)
+    s.add_argument("--chunks", type=_zyx, default=tuple(pre["chunks"]), help="Z,Y,X")
+    s.add_argument("--chunks-per-file", type=_zyx, default=tuple(pre["chunks_per_file"]), help=CHUNKS_PER_FILE_HELP)
     s.add_argument("--voxel-size", type=_floats, default=tuple(pre["voxel_size_nm"]), help="Z,Y,X in nm")
     s.add_argument("--label-format", default=label_format["default"], choices=label_format["enum"])
     s.set_defaults(func=cmd_preprocess)
@@ -254,8 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.add_argument("--resume", action="store_true",
                    help="continue OUT/last.pt if it is an unfinished run on the same data and config")
-    s.add_argument("--threads", type=int, default=os.cpu_count())
-    s.add_argument("--cpu-processes", type=int, default=1, help="data-parallel CPU processes (gloo) without GPUs")
+    s.add_argument("--threads", type=_positive, default=os.cpu_count())
+    s.add_argument("--cpu-processes", type=_positive, default=1, help="data-parallel CPU processes (gloo) without GPUs")
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=cmd_train)
 
@@ -266,9 +291,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--run-config", help="JSON of the training config expected of the checkpoint (as train's "
                                         "--run-config): another model is refused, other differences warned about")
     s.add_argument("--out", required=True)
-    s.add_argument("--tile-size", type=int, default=pred["tile_size"])
-    s.add_argument("--chunks", type=_ints, default=tuple(pred["chunks"]), help="Z,Y,X")
-    s.add_argument("--chunks-per-file", type=_ints, default=tuple(pred["chunks_per_file"]), help=CHUNKS_PER_FILE_HELP)
+    s.add_argument("--tile-size", type=_positive, default=pred["tile_size"])
+    s.add_argument("--chunks", type=_zyx, default=tuple(pred["chunks"]), help="Z,Y,X")
+    s.add_argument("--chunks-per-file", type=_zyx, default=tuple(pred["chunks_per_file"]), help=CHUNKS_PER_FILE_HELP)
     s.add_argument("--dtype", default=pred["dtype"], choices=("float16", "float32", "uint8"))
     s.add_argument("--tta", default=pred["tta"])
     s.add_argument("--shard", default="0/1", help="i/N: this job's share of the blocks")
@@ -278,8 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="network inputs per forward pass (tiles x TTA transforms), or auto: chosen for the device")
     s.add_argument("--compile", nargs="?", const="1", default="1" if pred["compile"] else "0", choices=("0", "1"),
                    help="torch.compile the network (falls back with a warning); --compile 0 turns it off")
-    s.add_argument("--workers", type=int, default=pred["writers"], help="writer threads (compression runs there)")
-    s.add_argument("--threads", type=int, default=os.cpu_count())
+    s.add_argument("--workers", type=_positive, default=pred["writers"], help="writer threads (compression runs there)")
+    s.add_argument("--threads", type=_positive, default=os.cpu_count())
     s.add_argument("--overwrite", action="store_true", help="replace an output store of a different prediction")
     s.add_argument("--init-only", action="store_true", help="only create the output store (before the shards run)")
     s.add_argument("--summary", help="write a JSON summary of this shard here")
@@ -297,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.add_argument("--threshold", type=float, default=seg["threshold"])
     s.add_argument("--connectivity", default=seg["connectivity"], choices=("2d", "3d"))
-    s.add_argument("--workers", type=int, default=2)
+    s.add_argument("--workers", type=_positive, default=2)
     s.set_defaults(func=cmd_segment)
 
     s = sub.add_parser("evaluate", help="ISBI 2012 metrics on test slices")
@@ -308,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out-slices", required=True)
     s.add_argument("--out-curves", required=True)
     s.add_argument("--out-plot")
-    s.add_argument("--workers", type=int, default=ev["workers"])
+    s.add_argument("--workers", type=_positive, default=ev["workers"])
     s.add_argument("--membrane-probability", action="store_true", help="the map gives membrane probability")
     s.add_argument("--kind", default="probability", choices=("probability", "binary", "instances"))
     s.set_defaults(func=cmd_evaluate)

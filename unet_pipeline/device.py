@@ -55,6 +55,22 @@ def cpu_has_native_bf16() -> bool:
         return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def describe(device: torch.device, dtype: torch.dtype | None, requested_device: str, requested_precision: str) -> str:
+    """What `auto` chose, for the log: e.g. "cpu (auto: no CUDA GPU), fp32 (auto: no native bf16 on this CPU)"."""
+    where = str(device)
+    if device.type == "cuda":
+        where += f" ({torch.cuda.get_device_name(device)})"
+    if requested_device == "auto":
+        where += " (auto: " + ("CUDA GPU found)" if device.type == "cuda" else "no CUDA GPU)")
+    numeric = {None: "fp32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast"}[dtype]
+    if requested_precision == "auto":
+        if device.type == "cpu":
+            numeric += " (auto: " + ("native bf16 on this CPU)" if dtype is not None else "no native bf16 on this CPU)")
+        else:
+            numeric += " (auto)"
+    return f"{where}, {numeric}"
+
+
 def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A host tensor on `device`, copied without making the host wait for the device's queued work.
 

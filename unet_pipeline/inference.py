@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from unet_pipeline.checkpoint import check_training_config, model_from_checkpoint
-from unet_pipeline.device import autocast, resolve_device, resolve_dtype, tune_convolutions
+from unet_pipeline.device import autocast, describe, resolve_device, resolve_dtype, tune_convolutions
 from unet_pipeline.errors import ConfigError
 from unet_pipeline.model import UNetConfig
 from unet_pipeline.tiling import Box, ChunkPlan, read_mirrored
@@ -228,7 +228,10 @@ def load_predictor(checkpoint: str | os.PathLike, device: str = "auto", precisio
     model, state = model_from_checkpoint(checkpoint, expected=expected_model, device=dev)
     if expected_training is not None:
         check_training_config(checkpoint, state, expected_training)
-    return Predictor(model, dev, resolve_dtype(precision, dev), tta_transforms(tta), tile_size, batch_size,
+    dtype = resolve_dtype(precision, dev)
+    log.info("predicting with %s (step %s of its training) on %s", checkpoint, state.get("step", "?"),
+             describe(dev, dtype, device, precision))
+    return Predictor(model, dev, dtype, tta_transforms(tta), tile_size, batch_size,
                      channels_last=channels_last, compile=compile)
 
 

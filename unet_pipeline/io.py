@@ -217,13 +217,29 @@ def _temporary_sibling(target: Path) -> Path:
 
 
 @contextlib.contextmanager
+def naming_errors(target: str | os.PathLike) -> Iterator[None]:
+    """Attribute an OSError without a file name (a full disk, a quota) to `target`, the output being written.
+
+    A write that fails for lack of space raises ENOSPC from deep inside a
+    library, often with no path; the user needs to know which output failed.
+    """
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is None:
+            raise OSError(exc.errno, exc.strerror or str(exc), str(target)) from exc
+        raise
+
+
+@contextlib.contextmanager
 def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary sibling directory that replaces `target` only on success."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temporary_sibling(target)
     try:
-        yield tmp
+        with naming_errors(target):
+            yield tmp
         if target.exists():
             shutil.rmtree(target) if target.is_dir() else target.unlink()
         os.replace(tmp, target)
@@ -243,10 +259,11 @@ def atomic_file(target: str | os.PathLike, durable: bool = False) -> Iterator[Pa
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temporary_sibling(target)
     try:
-        yield tmp
-        if durable:
-            with open(tmp, "rb") as fh:
-                os.fsync(fh.fileno())
+        with naming_errors(target):
+            yield tmp
+            if durable:
+                with open(tmp, "rb") as fh:
+                    os.fsync(fh.fileno())
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)

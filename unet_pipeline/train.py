@@ -36,7 +36,7 @@ from unet_pipeline import io
 from unet_pipeline.augment import AugmentConfig, sample_tiles
 from unet_pipeline.checkpoint import load_checkpoint, save_checkpoint
 from unet_pipeline.config import defaults
-from unet_pipeline.device import autocast, resolve_device, resolve_dtype, tune_convolutions
+from unet_pipeline.device import autocast, describe, resolve_device, resolve_dtype, tune_convolutions
 from unet_pipeline.errors import ConfigError, InputError
 from unet_pipeline.metrics import aggregate, slice_statistics
 from unet_pipeline.model import UNet, UNetConfig
@@ -220,6 +220,8 @@ def train(
         torch.cuda.set_device(device)
     dtype = resolve_dtype(cfg.precision, device)
     tune_convolutions(device, dtype)
+    if rank == 0:
+        log.info("training on %s", describe(device, dtype, cfg.device, cfg.precision))
     in_size = model_cfg.input_size(cfg.tile_size)
 
     torch.manual_seed(cfg.seed)
@@ -267,6 +269,26 @@ def train(
     bar = tqdm(total=cfg.steps, initial=step, unit="step", disable=not progress or rank != 0, desc="train")
     start = time.perf_counter()
     stop_at = cfg.steps if max_steps_now is None else min(cfg.steps, step + max_steps_now)
+
+    def is_validation_step(at: int) -> bool:
+        return val_data is not None and (at % cfg.validate_every == 0 or at == cfg.steps)
+
+    def run_validation(row: dict) -> None:
+        nonlocal best
+        scores = validate(model, val_data, device, dtype, cfg.tile_size)
+        row.update(scores)
+        log.info("step %d: validation rand error %.4f, pixel error %.4f", row["step"], scores["val_rand_error"],
+                 scores["val_pixel_error"])
+        if scores["val_rand_error"] < best:
+            best = scores["val_rand_error"]
+            checkpoint(best_path)
+
+    if rank == 0 and log_rows and log_rows[-1]["step"] == step and is_validation_step(step) \
+            and log_rows[-1]["val_rand_error"] == "":
+        # Killed during this step's validation, after its checkpoint: the restored
+        # weights are exactly that step's, so validate them now (no training repeated).
+        run_validation(log_rows[-1])
+        checkpoint(last_path)
     # The loss stays on the device and is read every `log_every` steps (and at
     # validation and checkpoint steps): reading it waits for the device, and
     # without that wait the next step's tile sampling and augmentation are
@@ -286,8 +308,9 @@ def train(
         loss_sum += loss.detach()
         since_log += 1
         bar.update(1)
-        validating = val_data is not None and (step % cfg.validate_every == 0 or step == cfg.steps)
-        if not (step % cfg.log_every == 0 or step % cfg.checkpoint_every == 0 or validating or step == stop_at):
+        validating = is_validation_step(step)
+        saving = step % cfg.checkpoint_every == 0 or step == cfg.steps
+        if not (step % cfg.log_every == 0 or saving or validating or step == stop_at):
             continue
         mean_loss = loss_sum.item() / since_log
         loss_sum.zero_()
@@ -299,32 +322,53 @@ def train(
             continue
         row = {"step": step, "loss": mean_loss, "lr": opt.param_groups[0]["lr"],
                "seconds": time.perf_counter() - start, "val_loss": "", "val_pixel_error": "", "val_rand_error": ""}
-        if validating:
-            scores = validate(model, val_data, device, dtype, cfg.tile_size)
-            row.update(scores)
-            log.info("step %d: validation rand error %.4f, pixel error %.4f", step, scores["val_rand_error"],
-                     scores["val_pixel_error"])
-            if scores["val_rand_error"] < best:
-                best = scores["val_rand_error"]
-                checkpoint(best_path)
         log_rows.append(row)
-        if step % cfg.checkpoint_every == 0:
+        if saving:  # before validating: a job killed during validation resumes here, not at the last save
             checkpoint(last_path)
+        if validating:
+            run_validation(row)
+            if saving:
+                checkpoint(last_path)  # now with this step's validation in its log
+        if saving:
             _write_log(log_path, log_rows)
     bar.close()
     if rank == 0:
-        checkpoint(last_path)
-        if step == cfg.steps:
-            if val_data is None or not best_path.exists():
-                checkpoint(best_path)
-            with io.atomic_file(model_path) as tmp:  # the run's product appears only when it is finished
-                shutil.copyfile(best_path, tmp)
+        if step < cfg.steps:
+            checkpoint(last_path)  # stopped early (max_steps_now): resumable from here
+        else:
+            _finish(out_dir, fingerprint, val_data is not None, checkpoint)
         _write_log(log_path, log_rows)
     return model_path
 
 
+def _finish(out_dir: Path, fingerprint: str, validated: bool, checkpoint) -> None:
+    """Publish the run's product: `model.pt`, a copy of the best validated checkpoint (the last without validation).
+
+    Logged with the step and validation scores it was chosen for, so that a
+    user knows which network predicted their volume.
+    """
+    best_path, model_path = out_dir / "best.pt", out_dir / "model.pt"
+    if not validated or not best_path.exists() or load_checkpoint(best_path).get("fingerprint") != fingerprint:
+        checkpoint(best_path)
+    chosen = load_checkpoint(best_path)
+    row = next((r for r in chosen["log"] if r["step"] == chosen["step"]), {})
+    with io.atomic_file(model_path) as tmp:  # the run's product appears only when it is finished
+        shutil.copyfile(best_path, tmp)
+    if validated:
+        log.info("%s: the checkpoint of step %d, best validation Rand error %.4f (pixel error %s)", model_path,
+                 chosen["step"], chosen["best_val_rand_error"], row.get("val_pixel_error", "?"))
+    else:
+        log.info("%s: the checkpoint of the last step, %d (no validation slices to choose by)", model_path,
+                 chosen["step"])
+
+
 def _resumable(last_path: Path, fingerprint: str, steps: int) -> dict | None:
-    """`last.pt` if it is an unfinished run on the same data and config; else None (with the reason logged)."""
+    """`last.pt` if it is a run on the same data and config; else None (with the reason logged).
+
+    A finished run is returned too: its model is published again without
+    training a step (Snakemake removes `model.pt` before rerunning the job,
+    and a kill after the last step must not cost the whole training).
+    """
     if not last_path.exists():
         return None
     state = load_checkpoint(last_path)
@@ -332,8 +376,8 @@ def _resumable(last_path: Path, fingerprint: str, steps: int) -> dict | None:
         log.info("%s: trained on other data or with another config; starting a new run", last_path)
         return None
     if state["step"] >= steps:
-        log.info("%s: that run is finished (step %d); training again from the start", last_path, state["step"])
-        return None
+        log.info("%s: that run finished all %d steps; publishing its model without training again", last_path,
+                 state["step"])
     return state
 
 
