@@ -1,6 +1,8 @@
-# unet-pipeline: the U-Net of Ronneberger et al. (2015) for EM volumes.
-# Stages: synth -> preprocess -> weights -> train -> predict (sharded) ->
-# gather -> segment -> evaluate -> report. config/README.md documents the keys.
+# unet-pipeline: the U-Net of Ronneberger et al. (2015) for EM volumes far larger than memory.
+# Stages: synth -> preprocess -> weights -> train -> predict -> segment -> evaluate -> report.
+# Every stage whose work grows with the volume runs as parts (jobs) over blocks of its output,
+# then a finishing job checks and publishes the store (workflow/rules/blockwise.smk).
+# config/README.md documents the keys.
 import sys
 
 from snakemake.utils import min_version
@@ -15,11 +17,12 @@ if not workflow.overwrite_configfiles:
     configfile: "config/config.yaml"
 
 
-from unet_pipeline.config import validate_config
+from unet_pipeline.config import check_sources, validate_config
 from unet_pipeline.errors import ConfigError
 
 try:
     config = validate_config(config)
+    SHAPES = check_sources(config)  # every stack's header: missing files and bad slices stop here
 except ConfigError as exc:
     sys.exit(f"unet-pipeline: invalid configuration: {exc}")
 
@@ -31,6 +34,7 @@ include: "workflow/rules/weights.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/predict.smk"
 include: "workflow/rules/segment.smk"
+include: "workflow/rules/blockwise.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/report.smk"
 

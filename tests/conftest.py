@@ -54,14 +54,16 @@ def conformance():
             json.loads((CONFORMANCE / "expected.json").read_text()))
 
 
-def raw_store(tmp_path: Path, shape, seed: int = 0, dtype=np.uint8, chunks=(1, 256, 256)):
+def raw_store(tmp_path: Path, shape, seed: int = 0, dtype=np.uint8, chunks=(1, 256, 256), chunks_per_file=(1, 8, 8),
+              voxel_size=(50.0, 4.0, 4.0)):
     """A preprocessed raw store of random voxels (up to 255, or 60000 for 16-bit); returns (path, voxels)."""
     from unet_pipeline.preprocess import preprocess
 
     top = 60000 if np.dtype(dtype) == np.uint16 else 255  # 16-bit values far above 255
     data = (np.random.default_rng(seed).random(shape) * top).astype(dtype)
     tifffile.imwrite(tmp_path / "raw.tif", data, photometric="minisblack")
-    preprocess(tmp_path / "raw.tif", tmp_path / "raw.ome.zarr", chunks=chunks)
+    preprocess(tmp_path / "raw.tif", tmp_path / "raw.ome.zarr", chunks=chunks, chunks_per_file=chunks_per_file,
+               voxel_size_nm=voxel_size)
     return tmp_path / "raw.ome.zarr", data
 
 

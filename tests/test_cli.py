@@ -4,11 +4,11 @@ import sys
 
 
 def _run(*args):
-    return subprocess.run([sys.executable, "-m", "unet_pipeline.cli", *args], capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-m", "unet_pipeline", *args], capture_output=True, text=True)
 
 
 def test_missing_input_is_one_clear_line(tmp_path):
-    r = _run("preprocess", "--raw", str(tmp_path / "missing.tif"), "--out-raw", str(tmp_path / "o.ome.zarr"))
+    r = _run("preprocess", "--raw", str(tmp_path / "missing.tif"), "--out", str(tmp_path / "o.ome.zarr"))
     assert r.returncode == 2
     assert "missing.tif: file not found" in r.stderr and "Traceback" not in r.stderr
 
@@ -69,12 +69,13 @@ def _bad_cases(tmp_path):
     return [
         (["synth", "--out-raw", "/proc/forbidden/r.tif", "--out-labels", out, "--slices", "1", "--shape", "32,32"],
          "/proc/forbidden"),
-        (["preprocess", "--raw", str(tmp_path / "missing.tif"), "--out-raw", out], "missing.tif: file not found"),
+        (["preprocess", "--raw", str(tmp_path / "missing.tif"), "--out", out], "missing.tif: file not found"),
         (["weights", "--labels", missing, "--out", out], "missing.ome.zarr: OME-Zarr not found"),
         (["train", "--datasets", "[{not json", "--out", out], "--datasets is not valid JSON"),
         (["predict", "--raw", missing, "--checkpoint", str(tmp_path / "m.pt"), "--out", out],
          "m.pt: checkpoint not found"),
-        (["gather", "--out", missing], "missing.ome.zarr: no prediction store"),
+        (["finish", "--from", str(tmp_path / "no-summary.json")], "no-summary.json: not a part summary"),
+        (["pyramid", "--from", str(tmp_path / "no-summary.json"), "--level", "1"], "no-summary.json: not a part"),
         (["segment", "--prob", missing, "--out", out], "missing.ome.zarr: OME-Zarr not found"),
         (["evaluate", "--prob", str(tmp_path / "nan.tif"), *evaluate], "nan.tif (slice 0): proposal contains NaN"),
         (["evaluate", "--prob", str(tmp_path / "two.tif"), *evaluate], r"two.tif (slice 0): proposal values must lie"),

@@ -47,5 +47,18 @@ def test_same_padding_keeps_size_inside_halo():
 
 
 def test_bad_model_config_is_rejected():
-    with pytest.raises(Exception, match="padding"):
+    with pytest.raises(ConfigError, match="model.padding"):
         UNetConfig(padding="reflect")
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3, 4, 5])
+def test_the_size_formula_is_the_networks_own(depth):
+    # geometry's closed form (margin 6 * 2**d - 4, outputs 4 + k * 2**d) against a forward pass
+    cfg = UNetConfig(base_channels=1, depth=depth)
+    for out in [n for n in range(1, 80) if cfg.is_valid_output_size(n)][:3]:
+        size = cfg.input_size(out)
+        assert UNet(cfg)(torch.zeros(1, 1, size, size)).shape[-1] == out
+    # a size the formula calls invalid does not come out of the network (a pooling floors an odd size)
+    bad = cfg.min_output_size + 1
+    size = bad + 2 * cfg.context_margin
+    assert not cfg.is_valid_output_size(bad) and UNet(cfg)(torch.zeros(1, 1, size, size)).shape[-1] != bad

@@ -1,4 +1,5 @@
-"""Overlap-tile prediction: exact against whole-slice inference, resumable, sharded."""
+"""Overlap-tile prediction: exact against whole-slice inference, resumable, split into parts that fill one store."""
+import json
 import os
 import signal
 import subprocess
@@ -10,13 +11,15 @@ import pytest
 import torch
 import zarr
 
-from unet_pipeline import io
+from unet_pipeline import stores
+from unet_pipeline.blockwise import CompletionLog, PartialStore
 from unet_pipeline.errors import ConfigError, InputError
-from unet_pipeline.model import UNet, UNetConfig
-from unet_pipeline.blockstore import CompletionLog
+from unet_pipeline.finish import finish_store
+from unet_pipeline.geometry import Part
 from unet_pipeline.inference import Predictor, load_predictor
-from unet_pipeline.predict import gather, predict_volume
-from unet_pipeline.preprocess import preprocess
+from unet_pipeline.model import UNet, UNetConfig
+from unet_pipeline.normalise import Normaliser
+from unet_pipeline.predict import predict_part
 from tests.conftest import random_checkpoint, raw_store, whole_slice_probability
 
 MODEL = UNetConfig(base_channels=4, depth=3, dropout=0.0)
@@ -30,17 +33,32 @@ def _raw_store(tmp_path, shape, seed=0):
     return raw_store(tmp_path, shape, seed)
 
 
+def _part(predictor, raw, out, ckpt, part=Part(0, 1), chunks=(1, 512, 512), chunks_per_file=(1, 8, 8),
+          out_dtype="uint8", tta="none", precision="fp32", writers=2):
+    return predict_part(predictor, raw, out, ckpt, part, chunks=chunks, chunks_per_file=chunks_per_file,
+                        out_dtype=out_dtype, tta=tta, precision=precision, pyramid_levels="auto", writers=writers)
+
+
+def _predict(predictor, raw, out, ckpt, parts=1, **kw):
+    """Every part, then the finishing step, as the workflow's jobs do; returns the summaries."""
+    summaries = [_part(predictor, raw, out, ckpt, Part(i, parts), **kw) for i in range(parts)]
+    finish_store(PartialStore(out, summaries[0].signature), 1, 2)
+    return summaries
+
+
+def _read(path):
+    image = stores.open_image(path)
+    return stores.as_probability(image[...], image.attrs["probability_scale"])
+
+
 def test_chunked_prediction_equals_whole_slice_prediction(tmp_path):
     raw_path, data = _raw_store(tmp_path, (3, 517, 1033))
     ckpt = _checkpoint(tmp_path / "m.pt")
     predictor = load_predictor(ckpt, "cpu", "fp32", "none", tile_size=116)
-    predict_volume(predictor, raw_path, tmp_path / "p.ome.zarr", ckpt, chunks=(2, 200, 300), out_dtype="float32",
-                   progress=False, precision="fp32")
-    gather(tmp_path / "p.ome.zarr")
-    chunked = io.open_ome_image(tmp_path / "p.ome.zarr")[...]
-    from unet_pipeline.preprocess import Normaliser
-
-    norm = Normaliser.from_attrs(io.store_attrs(raw_path))(data)
+    _predict(predictor, raw_path, tmp_path / "p.ome.zarr", ckpt, chunks=(2, 200, 300), chunks_per_file=(1, 1, 1),
+             out_dtype="float32")
+    chunked = _read(tmp_path / "p.ome.zarr")
+    norm = Normaliser.from_attrs(stores.store_attrs(raw_path))(data)
     assert np.abs(chunked - whole_slice_probability(predictor.model, norm)).max() < 1e-5
 
 
@@ -53,85 +71,92 @@ def test_test_time_augmentation_is_invariant_for_symmetric_input(tmp_path):
     assert np.allclose(prob, prob.T, atol=1e-5) and np.allclose(prob, prob[::-1], atol=1e-5)
 
 
-def test_shards_fill_one_store_and_gather_checks_completion(tmp_path):
+def test_parts_fill_one_store_and_finishing_checks_completion(tmp_path):
     raw_path, _ = _raw_store(tmp_path, (3, 70, 90))
     ckpt = _checkpoint(tmp_path / "m.pt")
-    predictor = load_predictor(ckpt, "cpu", "fp32", tile_size=36)
+    predictor = load_predictor(ckpt, "cpu", "fp32", "none", tile_size=36)
     out = tmp_path / "p.ome.zarr"
-    kw = dict(chunks=(1, 40, 40), out_dtype="uint8", progress=False, precision="fp32")
-    predict_volume(predictor, raw_path, out, ckpt, shard=(0, 2), **kw)
-    with pytest.raises(InputError, match="not written yet"):
-        gather(out)
-    assert not io.is_complete(out)
-    stats = predict_volume(predictor, raw_path, out, ckpt, shard=(1, 2), **kw)
-    assert stats.blocks_computed == stats.blocks_total
-    gather(out)
-    assert io.is_complete(out) and "1" in zarr.open_group(str(out), mode="r")
+    kw = dict(chunks=(1, 40, 40), chunks_per_file=(1, 1, 1))
+    first = _part(predictor, raw_path, out, ckpt, Part(0, 2), **kw)
+    with pytest.raises(InputError, match=r"blocks of '0' are not written yet; rerun the jobs that write"):
+        finish_store(PartialStore(out, first.signature), 1, 2)
+    assert not out.exists() and not stores.is_complete(out)
+    second = _part(predictor, raw_path, out, ckpt, Part(1, 2), **kw)
+    assert second.blocks_computed == second.blocks_total and second.signature == first.signature
+    finish_store(PartialStore(out, first.signature), 1, 2)
+    assert stores.is_complete(out) and "1" in zarr.open_group(str(out), mode="r")
+    assert not list(tmp_path.glob(".p.ome.zarr*"))  # the hidden store was renamed into place
 
 
-def test_killed_run_resumes_only_unfinished_chunks(tmp_path):
+def test_a_killed_part_resumes_only_unfinished_blocks(tmp_path):
     raw_path, _ = _raw_store(tmp_path, (4, 150, 150))
     ckpt = _checkpoint(tmp_path / "m.pt", UNetConfig(base_channels=16, depth=3, dropout=0.0))
-    args = [sys.executable, "-m", "unet_pipeline.cli", "predict", "--raw", str(raw_path), "--checkpoint", str(ckpt),
+    args = [sys.executable, "-m", "unet_pipeline", "predict", "--raw", str(raw_path), "--checkpoint", str(ckpt),
             "--tile-size", "36", "--chunks", "1,50,50", "--dtype", "float32", "--precision", "fp32",
-            "--device", "cpu", "--workers", "1", "--threads", "1", "--no-progress", "--chunks-per-file", "1,1,1"]
+            "--device", "cpu", "--writers", "1", "--threads", "1", "--no-progress", "--chunks-per-file", "1,1,1"]
     reference = tmp_path / "ref.ome.zarr"
     subprocess.run(args + ["--out", str(reference)], check=True)
     out = tmp_path / "p.ome.zarr"
-    proc = subprocess.Popen(args + ["--out", str(out)])
+    part = ["--part", "0/1", "--summary", str(tmp_path / "summary.json")]
+    proc = subprocess.Popen(args + ["--out", str(out)] + part)
+
+    def recorded():
+        partials = list(tmp_path.glob(".p.ome.zarr.partial-*"))
+        return len(CompletionLog.read(partials[0] / "unet_work")) if partials else 0
+
     deadline = time.time() + 120
-    while time.time() < deadline:
-        if out.exists() and len(CompletionLog.finished(out)) >= 5:
-            break
+    while time.time() < deadline and recorded() < 5:
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    done_before = len(CompletionLog.finished(out))
+    done_before = recorded()
     assert 5 <= done_before < 36
-    summary = tmp_path / "summary.json"
-    subprocess.run(args + ["--out", str(out), "--summary", str(summary)], check=True)
-    import json
-
-    stats = json.loads(summary.read_text())
+    subprocess.run(args + ["--out", str(out)] + part, check=True)
+    stats = json.loads((tmp_path / "summary.json").read_text())
     assert stats["blocks_skipped"] == done_before and stats["blocks_computed"] == 36 - done_before
-    assert np.array_equal(zarr.open_group(str(out))["0"][...], zarr.open_group(str(reference))["0"][...])
+    subprocess.run([sys.executable, "-m", "unet_pipeline", "finish", "--from", str(tmp_path / "summary.json")],
+                   check=True)
+    assert np.array_equal(_read(out), _read(reference))
 
 
-def test_mismatched_checkpoint_and_existing_output_are_refused(tmp_path):
+def test_a_checkpoint_of_another_model_is_refused_and_another_setting_never_continues_a_store(tmp_path):
     from unet_pipeline.checkpoint import model_from_checkpoint
 
     ckpt = _checkpoint(tmp_path / "m.pt")
     with pytest.raises(InputError, match="different model config.*depth=3"):
         model_from_checkpoint(ckpt, expected=UNetConfig(base_channels=4, depth=4, dropout=0.0))
     raw_path, _ = _raw_store(tmp_path, (2, 40, 40))
-    predictor = load_predictor(ckpt, "cpu", "fp32", tile_size=36)
+    predictor = load_predictor(ckpt, "cpu", "fp32", "none", tile_size=36)
     out = tmp_path / "p.ome.zarr"
-    predict_volume(predictor, raw_path, out, ckpt, chunks=(1, 40, 40), progress=False, precision="fp32")
-    with pytest.raises(InputError, match="different prediction"):
-        predict_volume(predictor, raw_path, out, ckpt, chunks=(1, 20, 20), progress=False, precision="fp32")
-    with pytest.raises(ConfigError, match="larger than the volume"):
-        predict_volume(predictor, raw_path, tmp_path / "q", ckpt, chunks=(1, 80, 80), progress=False)
+    a = _part(predictor, raw_path, out, ckpt, chunks=(1, 40, 40))
+    b = _part(predictor, raw_path, out, ckpt, chunks=(1, 20, 20))  # another layout: its own store, from scratch
+    assert a.signature != b.signature and b.blocks_skipped == 0 and len(list(tmp_path.glob(".p.ome.zarr.partial-*"))) == 2
+    finish_store(PartialStore(out, b.signature), 1, 2)
+    assert not list(tmp_path.glob(".p.ome.zarr.partial-*"))  # the other run's work is cleared
+    # chunks larger than a small stack are clipped to it (not an error after training)
+    small = _part(predictor, raw_path, tmp_path / "q.ome.zarr", ckpt, chunks=(1, 80, 80))
+    assert small.signature["chunks"] == [1, 40, 40]
 
 
 def test_invalid_tile_size_is_rejected(tmp_path):
     with pytest.raises(ConfigError, match="nearest valid"):
-        Predictor(UNet(MODEL), torch.device("cpu"), max_tile=37)
+        Predictor(UNet(MODEL), torch.device("cpu"), tile_size=37)
 
 
 def test_input_that_is_not_3d_is_refused(tmp_path):
     ckpt = _checkpoint(tmp_path / "m.pt")
     group = zarr.open_group(str(tmp_path / "flat.ome.zarr"), mode="w")
     group.create_array("0", shape=(40, 40), dtype="u1")
-    io.mark_complete(tmp_path / "flat.ome.zarr", {"normalisation": {"low": 0, "high": 255}})
-    predictor = load_predictor(ckpt, "cpu", "fp32", tile_size=36)
+    stores.mark_complete(tmp_path / "flat.ome.zarr", {"normalisation": {"low": 0, "high": 255}})
+    predictor = load_predictor(ckpt, "cpu", "fp32", "none", tile_size=36)
     with pytest.raises(InputError, match="expected a 3D"):
-        predict_volume(predictor, tmp_path / "flat.ome.zarr", tmp_path / "p", ckpt, progress=False)
+        _part(predictor, tmp_path / "flat.ome.zarr", tmp_path / "p", ckpt)
 
 
 def test_cli_refuses_a_checkpoint_of_another_model(tmp_path):
     raw_path, _ = _raw_store(tmp_path, (1, 40, 40))
     ckpt = _checkpoint(tmp_path / "m.pt")
-    r = subprocess.run([sys.executable, "-m", "unet_pipeline.cli", "predict", "--raw", str(raw_path), "--checkpoint",
+    r = subprocess.run([sys.executable, "-m", "unet_pipeline", "predict", "--raw", str(raw_path), "--checkpoint",
                         str(ckpt), "--model", '{"base_channels": 8, "depth": 3, "dropout": 0.0}', "--out",
                         str(tmp_path / "p"), "--tile-size", "36"], capture_output=True, text=True)
     assert r.returncode == 2 and "base_channels=4 (config says 8)" in r.stderr
@@ -143,26 +168,24 @@ def _pass_through_expected(norm: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-(norm.astype(np.float64) - left)))
 
 
-@pytest.mark.parametrize("segment_px", [16384, 128])  # whole strips, or one block column per segment
-def test_every_output_voxel_comes_from_its_own_input_and_input_is_read_once(tmp_path, monkeypatch, segment_px):
+@pytest.mark.parametrize("strip_px", [16384, 128])  # whole rows, or one block column per strip
+def test_every_output_voxel_comes_from_its_own_input_and_input_is_read_once(tmp_path, monkeypatch, strip_px):
     from unet_pipeline import predict
     from unet_pipeline.inference import PassThroughNet
-    from unet_pipeline.preprocess import Normaliser
 
-    monkeypatch.setattr(predict, "SEGMENT_PX", segment_px)
+    monkeypatch.setattr(predict, "STRIP_WIDTH_PX", strip_px)
 
     raw_path, data = _raw_store(tmp_path, (3, 301, 389))  # odd sizes: partial edge chunks and shards
     ckpt = _checkpoint(tmp_path / "m.pt")
-    predictor = Predictor(PassThroughNet(MODEL), torch.device("cpu"), max_tile=52, batch_size=3)
+    predictor = Predictor(PassThroughNet(MODEL), torch.device("cpu"), tile_size=52, batch_size=3)
     out = tmp_path / "p.ome.zarr"
-    stats = predict_volume(predictor, raw_path, out, ckpt, chunks=(1, 64, 64), out_dtype="float32",
-                           chunks_per_file=(1, 2, 2), progress=False)
+    (stats,) = _predict(predictor, raw_path, out, ckpt, chunks=(1, 64, 64), out_dtype="float32",
+                        chunks_per_file=(1, 2, 2))
     assert stats.blocks_computed == stats.blocks_total == 3 * 3 * 4
-    # Input chunks of 256^2: each is decoded once, although strips of 128 rows need 2 x 20 rows of context.
-    assert stats.input_voxels_read == data.size
-    gather(out)
-    norm = Normaliser.from_attrs(io.store_attrs(raw_path))(data)
-    got = io.open_ome_image(out)[...]
+    # Input blocks of 256^2: each is decoded once, although strips of 128 rows need 2 x 20 rows of context.
+    assert stats.extra["input_voxels_read"] == data.size
+    norm = Normaliser.from_attrs(stores.store_attrs(raw_path))(data)
+    got = _read(out)
     assert np.abs(got - _pass_through_expected(norm)).max() < 1e-6
 
 
@@ -173,21 +196,18 @@ def test_the_accelerators_data_path_gives_the_cpu_paths_result(tmp_path, monkeyp
     # blocks there; run that arithmetic on the CPU (DEVICE_SIDE) and compare with the CPU path.
     from unet_pipeline import predict
     from unet_pipeline.inference import PassThroughNet
-    from unet_pipeline.preprocess import Normaliser
 
     raw_path, data = raw_store(tmp_path, (2, 150, 170), seed=3, dtype=raw_dtype, chunks=(1, 64, 64))
-    assert io.open_ome_image(raw_path).dtype == raw_dtype
+    assert stores.open_image(raw_path).dtype == raw_dtype
     ckpt = _checkpoint(tmp_path / "m.pt")
-    predictor = Predictor(PassThroughNet(MODEL), torch.device("cpu"), max_tile=52, batch_size=2)
+    predictor = Predictor(PassThroughNet(MODEL), torch.device("cpu"), tile_size=52, batch_size=2)
     results = {}
     for device_side in (False, True):
         monkeypatch.setattr(predict._Pipeline, "DEVICE_SIDE", device_side)
         out = tmp_path / f"p-{device_side}.ome.zarr"
-        predict_volume(predictor, raw_path, out, ckpt, chunks=(1, 64, 64), out_dtype=out_dtype,
-                       chunks_per_file=(1, 2, 2), progress=False)
-        gather(out)
-        results[device_side] = io.open_ome_image(out)[...]
-    expected = _pass_through_expected(Normaliser.from_attrs(io.store_attrs(raw_path))(data))
+        _predict(predictor, raw_path, out, ckpt, chunks=(1, 64, 64), out_dtype=out_dtype, chunks_per_file=(1, 2, 2))
+        results[device_side] = stores.open_image(out)[...]
+    expected = _pass_through_expected(Normaliser.from_attrs(stores.store_attrs(raw_path))(data))
     if out_dtype == "uint8":
         assert np.abs(results[True].astype(int) - np.rint(expected * 255)).max() <= 1
     else:
@@ -205,42 +225,39 @@ def test_unsigned_raw_values_keep_their_whole_range_on_the_way_to_float():
         assert np.array_equal(got.numpy(), values.astype(np.float32)), dtype
 
 
-def test_jobs_split_strips_and_write_one_file_per_block(tmp_path):
+def test_parts_split_strips_and_write_one_file_per_block(tmp_path):
     from unet_pipeline.inference import PassThroughNet
 
     raw_path, _ = _raw_store(tmp_path, (2, 200, 150))
     ckpt = _checkpoint(tmp_path / "m.pt")
-    predictor = Predictor(PassThroughNet(MODEL), torch.device("cpu"), max_tile=52)
+    predictor = Predictor(PassThroughNet(MODEL), torch.device("cpu"), tile_size=52)
     out = tmp_path / "p.ome.zarr"
-    kw = dict(chunks=(1, 50, 50), out_dtype="uint8", chunks_per_file=(1, 2, 4), progress=False)
-    first = predict_volume(predictor, raw_path, out, ckpt, shard=(0, 3), **kw)
-    second = predict_volume(predictor, raw_path, out, ckpt, shard=(1, 3), **kw)
-    third = predict_volume(predictor, raw_path, out, ckpt, shard=(2, 3), **kw)
+    kw = dict(chunks=(1, 50, 50), out_dtype="uint8", chunks_per_file=(1, 2, 4))
+    summaries = [_part(predictor, raw_path, out, ckpt, Part(i, 3), **kw) for i in range(3)]
     # 2 slices x 2 block rows = 4 strips of one 100 x 150 block each, split 1 / 1 / 2.
-    assert [s.blocks_total for s in (first, second, third)] == [1, 1, 2]
-    blocks = sorted(p.relative_to(out / "0" / "c") for p in (out / "0" / "c").rglob("*") if p.is_file())
-    assert len(blocks) == 4 and len(CompletionLog.finished(out)) == 4
-    gather(out)
-    assert not (out / "unet_progress").exists()
+    assert [s.blocks_total for s in summaries] == [1, 1, 2]
+    partial = PartialStore(out, summaries[0].signature)
+    blocks = sorted(p for p in (partial.path / "0" / "c").rglob("*") if p.is_file())
+    assert len(blocks) == 4 and len(partial.finished("0")) == 4
+    finish_store(partial, 1, 2)
+    assert not (out / "unet_work").exists()
 
 
-def test_unfinished_store_is_not_an_ome_image_and_gather_carries_the_voxel_size(tmp_path):
-    import tifffile
-
-    data = (np.random.default_rng(0).random((2, 60, 60)) * 255).astype(np.uint8)
-    tifffile.imwrite(tmp_path / "raw.tif", data, photometric="minisblack")
-    preprocess(tmp_path / "raw.tif", tmp_path / "raw.ome.zarr", chunks=(1, 64, 64), voxel_size=(40.0, 5.0, 5.0))
+def test_an_unfinished_store_is_hidden_and_the_finished_one_carries_the_voxel_size(tmp_path):
+    raw_path, _ = raw_store(tmp_path, (2, 60, 60), chunks=(1, 64, 64), voxel_size=(40.0, 5.0, 5.0))
     ckpt = _checkpoint(tmp_path / "m.pt")
-    predictor = load_predictor(ckpt, "cpu", "fp32", tile_size=36)
+    predictor = load_predictor(ckpt, "cpu", "fp32", "none", tile_size=36)
     out = tmp_path / "p.ome.zarr"
-    predict_volume(predictor, tmp_path / "raw.ome.zarr", out, ckpt, chunks=(1, 30, 30), shard=(0, 2), progress=False)
-    assert "ome" not in zarr.open_group(str(out), mode="r").attrs  # napari / neuroglancer see no image yet
-    predict_volume(predictor, tmp_path / "raw.ome.zarr", out, ckpt, chunks=(1, 30, 30), shard=(1, 2), progress=False)
-    gather(out)
-    assert io.voxel_size(out) == (40.0, 5.0, 5.0)
-    scales = [d["coordinateTransformations"][0]["scale"]
-              for d in zarr.open_group(str(out), mode="r").attrs["ome"]["multiscales"][0]["datasets"]]
+    first = _part(predictor, raw_path, out, ckpt, Part(0, 2), chunks=(1, 15, 15), chunks_per_file=(1, 2, 2))
+    assert not out.exists()  # napari / neuroglancer see no image yet: only a hidden partial store
+    assert "ome" not in zarr.open_group(str(PartialStore(out, first.signature).path), mode="r").attrs
+    _part(predictor, raw_path, out, ckpt, Part(1, 2), chunks=(1, 15, 15), chunks_per_file=(1, 2, 2))
+    finish_store(PartialStore(out, first.signature), 1, 2)
+    assert stores.voxel_size(out) == (40.0, 5.0, 5.0)
+    datasets = zarr.open_group(str(out), mode="r").attrs["ome"]["multiscales"][0]["datasets"]
+    scales = [d["coordinateTransformations"][0]["scale"] for d in datasets]
     assert scales == [[40.0, 5.0, 5.0], [40.0, 10.0, 10.0], [40.0, 20.0, 20.0]]
+    assert datasets[1]["coordinateTransformations"][1] == {"type": "translation", "translation": [0.0, 2.5, 2.5]}
 
 
 def test_compile_failure_falls_back_with_one_warning(monkeypatch, caplog):
@@ -250,8 +267,8 @@ def test_compile_failure_falls_back_with_one_warning(monkeypatch, caplog):
         return run
 
     monkeypatch.setattr(torch, "compile", broken_compile)
-    eager = Predictor(UNet(MODEL), torch.device("cpu"), max_tile=36, batch_size=2)
-    compiled = Predictor(UNet(MODEL), torch.device("cpu"), max_tile=36, batch_size=2, compile=True)
+    eager = Predictor(UNet(MODEL), torch.device("cpu"), tile_size=36, batch_size=2)
+    compiled = Predictor(UNet(MODEL), torch.device("cpu"), tile_size=36, batch_size=2, compile=True)
     compiled.model.load_state_dict(eager.model.state_dict())
     image = np.random.default_rng(0).random((2, 70, 70)).astype(np.float32)
     with caplog.at_level("WARNING"):
@@ -265,7 +282,7 @@ def test_tta_batched_equals_one_pass_per_transform():
     from unet_pipeline.inference import DIHEDRAL, _apply, _invert
 
     torch.manual_seed(1)
-    predictor = Predictor(UNet(MODEL), torch.device("cpu"), transforms=DIHEDRAL, max_tile=36, batch_size=8)
+    predictor = Predictor(UNet(MODEL), torch.device("cpu"), transforms=DIHEDRAL, tile_size=36, batch_size=8)
     tiles = torch.rand(2, 36 + 2 * MODEL.context_margin, 36 + 2 * MODEL.context_margin)
     batched = predictor.probabilities(tiles)
     with torch.inference_mode():
@@ -275,26 +292,22 @@ def test_tta_batched_equals_one_pass_per_transform():
 
 
 def test_a_replaced_raw_stack_of_the_same_shape_is_never_reused(tmp_path):
-    # Issue 12.1 through the package alone: preprocess A, predict, gather; replace the raw store with
-    # stack B of the same shape; the old prediction must be refused, then replaced by B's.
+    # Issue 12.1 through the package alone: preprocess A, predict; replace the raw store with stack B of the
+    # same shape; nothing of A's prediction may be reused.
     raw_path, _ = _raw_store(tmp_path, (2, 70, 90), seed=1)
     ckpt = _checkpoint(tmp_path / "m.pt")
-    predictor = load_predictor(ckpt, "cpu", "fp32", tile_size=36)
+    predictor = load_predictor(ckpt, "cpu", "fp32", "none", tile_size=36)
     out = tmp_path / "p.ome.zarr"
-    kw = dict(chunks=(1, 40, 40), out_dtype="float32", progress=False, precision="fp32")
-    predict_volume(predictor, raw_path, out, ckpt, **kw)
-    gather(out)
-    old = io.open_ome_image(out)[...]
+    kw = dict(chunks=(1, 40, 40), out_dtype="float32")
+    (a,) = _predict(predictor, raw_path, out, ckpt, **kw)
+    old = _read(out)
     _raw_store(tmp_path, (2, 70, 90), seed=2)  # stack B at the same path
-    with pytest.raises(InputError, match="input_fingerprint"):
-        predict_volume(predictor, raw_path, out, ckpt, **kw)
-    predict_volume(predictor, raw_path, out, ckpt, overwrite=True, **kw)
-    gather(out)
-    predict_volume(predictor, raw_path, tmp_path / "fresh.ome.zarr", ckpt, **kw)
-    gather(tmp_path / "fresh.ome.zarr")
-    new = io.open_ome_image(out)[...]
+    (b,) = _predict(predictor, raw_path, out, ckpt, **kw)
+    assert a.signature["raw_fingerprint"] != b.signature["raw_fingerprint"] and b.blocks_skipped == 0
+    _predict(predictor, raw_path, tmp_path / "fresh.ome.zarr", ckpt, **kw)
+    new = _read(out)
     assert not np.array_equal(old, new)
-    assert np.array_equal(new, io.open_ome_image(tmp_path / "fresh.ome.zarr")[...])
+    assert np.array_equal(new, _read(tmp_path / "fresh.ome.zarr"))
 
 
 def test_predict_checks_the_training_config_stored_in_the_checkpoint(tmp_path, caplog):

@@ -1,13 +1,14 @@
 """The workflow through profiles/slurm on a real SLURM (tests/slurm/cluster.sh).
 
-Checked from SLURM's own accounting: train and every predict shard ran in the
+Checked from SLURM's own accounting: train and every predict part ran in the
 gpu partition with one GPU each, the other rules in the CPU partition, predict
-ran as the configured number of shards, the outputs equal a local run's, and
-a predict shard that fails once is retried without recomputing its finished
+ran as the configured number of parts, the outputs equal a local run's, and
+a predict part that fails once is retried without recomputing its finished
 blocks.
 """
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -15,10 +16,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 import zarr
 
-from tests.test_workflow import REPO, TINY
+from tests.test_workflow import BARE_PATH, REPO, TINY, write_tiny
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 CLUSTER_SH = REPO / "tests" / "slurm" / "cluster.sh"
@@ -41,7 +41,7 @@ def slurm():
 
 def _run(workdir: Path, profile: str, extra_env: dict, *args):
     bin_dir = Path(sys.executable).parent
-    env = {**os.environ, **extra_env, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    env = {**os.environ, **extra_env, "PATH": f"{BARE_PATH}:{os.environ['PATH'].replace(str(bin_dir) + ':', '')}"}
     return subprocess.run(
         [str(bin_dir / "snakemake"), "-s", str(REPO / "Snakefile"), "--directory", str(workdir),
          "--profile", str(REPO / "profiles" / profile), "--configfile", str(workdir / "config.yaml"), *args],
@@ -50,11 +50,7 @@ def _run(workdir: Path, profile: str, extra_env: dict, *args):
 
 
 def _workdir(tmp_path: Path, name: str) -> Path:
-    workdir = tmp_path / name
-    workdir.mkdir()
-    config = {**TINY, "cluster": CLUSTER_CONFIG}
-    (workdir / "config.yaml").write_text(yaml.safe_dump(config))
-    return workdir
+    return write_tiny(tmp_path / name, {**TINY, "cluster": CLUSTER_CONFIG})
 
 
 def _sacct(env: dict, since_job: int = 0) -> list[dict]:
@@ -94,9 +90,9 @@ def test_workflow_on_slurm_matches_local_run(slurm_run, tmp_path):
     for rule in ("train", "predict"):
         for r in by_rule[rule]:
             assert r["partition"] == "gpu" and "gres/gpu=1" in r["tres"], r
-    assert len(by_rule["predict"]) == TINY["predict"]["shards"]
-    for rule in ("synth", "preprocess", "preprocess_labels", "weights", "predict_gather", "segment", "evaluate",
-                 "report"):
+    assert len(by_rule["predict"]) == TINY["predict"]["parts"]
+    for rule in ("synth", "preprocess", "preprocess_labels", "weights", "finish", "segment_label", "segment_join",
+                 "segment_relabel", "evaluate", "report"):
         assert rule in by_rule, rule
         for r in by_rule[rule]:
             assert r["partition"] == "cpu" and "gres/gpu" not in r["tres"], r
@@ -114,31 +110,29 @@ def test_workflow_on_slurm_matches_local_run(slurm_run, tmp_path):
     assert metrics[0]["rand_error"] == metrics[1]["rand_error"]
 
 
-def test_failed_predict_shard_is_retried_without_recomputing(slurm, slurm_run, tmp_path):
+def test_failed_predict_part_is_retried_without_recomputing(slurm, slurm_run, tmp_path):
     # Start from the finished run's trained model (copied with its Snakemake metadata and
-    # timestamps) with the prediction removed: only predict_init, the shards and gather rerun.
+    # timestamps) with the prediction removed: only the predict parts and the store's finish rerun.
     done_run, _, run = slurm_run
     assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
     workdir = tmp_path / "retry"
     shutil.copytree(done_run, workdir, symlinks=True)
-    for name in ("predict", "probabilities.ome.zarr", "probabilities.done"):
-        path = workdir / "results" / "test" / name
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    shutil.rmtree(workdir / "results" / "test" / "probabilities.ome.zarr")
     first = _last_job(slurm)
     fault = {**slurm, "UNET_PIPELINE_FAIL_AFTER_BLOCKS": "1", "UNET_PIPELINE_FAULT_MARKER": str(workdir / "fault")}
     run = _run(workdir, "slurm", fault, "--slurm-init-seconds-before-status-checks", "3",
-               "results/test/probabilities.done")
+               "results/test/probabilities.ome.zarr")
     assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
     assert (workdir / "fault").exists()
     jobs = [r for r in _sacct(slurm, first) if r["rule"]]
-    assert {r["rule"] for r in jobs} == {"predict_init", "predict", "predict_gather"}, jobs
+    assert {r["rule"] for r in jobs} == {"predict", "finish"}, jobs
     predict = [r for r in jobs if r["rule"] == "predict"]
     assert [r["state"] for r in predict].count("FAILED") == 1
-    assert len(predict) == TINY["predict"]["shards"] + 1
-    summaries = [json.loads(p.read_text()) for p in (workdir / "results" / "test" / "predict").glob("*.json")]
-    retried = [s for s in summaries if s["blocks_skipped"] > 0]
-    assert len(retried) == 1 and retried[0]["blocks_skipped"] >= 1
-    assert retried[0]["blocks_skipped"] + retried[0]["blocks_computed"] == retried[0]["blocks_total"]
+    assert len(predict) == TINY["predict"]["parts"] + 1
+    logs = [p.read_text() for p in (workdir / "results" / "logs" / "predict").glob("test-*.log")]
+    resumed = [re.search(r"(\d+) blocks computed, (\d+) already done", log) for log in logs]
+    retried = [m for m in resumed if m and int(m.group(2)) > 0]
+    assert len(retried) == 1 and int(retried[0].group(2)) >= 1
     again = zarr.open_group(str(workdir / "results" / "test" / "probabilities.ome.zarr"), mode="r")["0"][...]
     before = zarr.open_group(str(done_run / "results" / "test" / "probabilities.ome.zarr"), mode="r")["0"][...]
     assert np.array_equal(again, before)

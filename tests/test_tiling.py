@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from unet_pipeline.model import UNetConfig
-from unet_pipeline.tiling import Box, ChunkGrid, ChunkPlan, mirror_indices, read_mirrored, tile_axis
+from unet_pipeline.geometry import BlockGrid, Box, Part, UNetConfig, pyramid
+from unet_pipeline.tiling import TilePlan, mirror_indices, read_mirrored, tile_axis
 
 CFG = UNetConfig()
 
@@ -35,8 +35,8 @@ def test_read_mirrored_equals_padding_the_whole_array():
     assert np.array_equal(read_mirrored(data, box), full[:, :29, :35])
 
 
-def test_chunk_plan_tiles_cover_the_chunk():
-    plan = ChunkPlan.make(Box((0, 100, 0), (1, 300, 517)), CFG, 388)
+def test_tile_plan_tiles_cover_the_region():
+    plan = TilePlan.make(Box((0, 100, 0), (1, 300, 517)), CFG, 388)
     covered = np.zeros(plan.computed.shape[1:], int)
     for t in plan.tiles:
         covered[t.output.slices[1:]] += 1
@@ -45,8 +45,41 @@ def test_chunk_plan_tiles_cover_the_chunk():
     assert plan.computed.start[1] == 96 and plan.read.start[1] == 96 - 92
 
 
-def test_shards_are_disjoint_and_cover_the_grid():
-    grid = ChunkGrid((5, 100, 70), (2, 30, 30))
-    shards = [set(grid.shard(i, 3)) for i in range(3)]
-    assert set.union(*shards) == set(grid.indices())
-    assert sum(len(s) for s in shards) == grid.num_chunks == 3 * 4 * 3
+@pytest.mark.parametrize("count", [1, 2, 3, 7])
+def test_parts_are_disjoint_contiguous_runs_of_strips_covering_the_grid(count):
+    grid = BlockGrid((5, 100, 70), (2, 30, 30))
+    strips = grid.strips()
+    runs = [Part(i, count).of(strips) for i in range(count)]
+    assert [s for run in runs for s in run] == strips  # contiguous, in order, nothing twice
+    blocks = [b for strip in strips for b in strip]
+    assert sorted(blocks) == sorted(grid.indices()) and len(blocks) == grid.num_blocks == 3 * 4 * 3
+
+
+def test_strips_are_block_rows_cut_to_the_width_limit_and_aligned_to_input_chunks():
+    grid = BlockGrid((4, 60, 100), (1, 30, 20))
+    assert grid.strips()[0] == tuple((0, 0, x) for x in range(5))
+    assert [len(s) for s in grid.strips(max_width=40)][:3] == [2, 2, 1]
+    assert grid.strips(z_align=2)[0] == tuple((z, 0, x) for z in (0, 1) for x in range(5))
+
+
+def test_part_names_its_range_when_out_of_it():
+    from unet_pipeline.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="0..2"):
+        Part(3, 3)
+    assert Part.parse("2/5") == Part(2, 5)
+
+
+def test_pyramid_halves_yx_then_z_once_voxels_are_about_isotropic_down_to_one_chunk():
+    levels = pyramid((64, 5000, 3000), (1, 512, 512), (50, 4, 4))
+    assert [lv.factor for lv in levels] == [(1, 1, 1), (1, 2, 2), (1, 4, 4), (1, 8, 8), (2, 16, 16)]
+    assert levels[-1].shape == (32, 313, 188) and levels[-2].shape[1] > 512
+    assert pyramid((4, 256, 256), (1, 256, 256), (50, 4, 4)) == pyramid((4, 256, 256), (1, 256, 256), (50, 4, 4))[:1]
+    assert len(pyramid((4, 5000, 5000), (1, 512, 512), (50, 4, 4), max_levels=2)) == 3
+
+
+def test_averaged_levels_are_centred_on_the_voxels_they_average():
+    level = pyramid((8, 64, 64), (1, 8, 8), (50, 4, 4))[2]
+    assert level.factor == (1, 4, 4)
+    assert level.translation((50, 4, 4), averaged=True) == [0.0, 6.0, 6.0]  # (4 - 1) / 2 voxels of 4 nm
+    assert level.translation((50, 4, 4), averaged=False) == [0.0, 0.0, 0.0]

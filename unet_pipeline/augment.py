@@ -22,25 +22,23 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from unet_pipeline.config import defaults
+from unet_pipeline import schema
 from unet_pipeline.device import to_device
 
-
-_DEFAULTS = defaults("train")["augment"]  # the config schema holds every default
 
 
 @dataclass(frozen=True)
 class AugmentConfig:
-    """Every augmentation parameter; set `enabled: false` to sample plain tiles."""
+    """Every augmentation parameter (defaults: the config schema's); set `enabled: false` to sample plain tiles."""
 
-    enabled: bool = _DEFAULTS["enabled"]
-    elastic_sigma_px: float = _DEFAULTS["elastic_sigma_px"]
-    elastic_grid: int = _DEFAULTS["elastic_grid"]
-    rotation: bool = _DEFAULTS["rotation"]
-    flips: bool = _DEFAULTS["flips"]
-    contrast: float = _DEFAULTS["contrast"]          # factor drawn from [1 - c, 1 + c]
-    brightness: float = _DEFAULTS["brightness"]      # offset drawn from [-b, b] (normalised units)
-    noise_sigma: float = _DEFAULTS["noise_sigma"]    # additive Gaussian noise (normalised units)
+    enabled: bool = schema.field("train.augment.enabled")
+    elastic_sigma_px: float = schema.field("train.augment.elastic_sigma_px")
+    elastic_grid: int = schema.field("train.augment.elastic_grid")
+    rotation: bool = schema.field("train.augment.rotation")
+    flips: bool = schema.field("train.augment.flips")
+    contrast: float = schema.field("train.augment.contrast")          # factor drawn from [1 - c, 1 + c]
+    brightness: float = schema.field("train.augment.brightness")      # offset drawn from [-b, b] (normalised units)
+    noise_sigma: float = schema.field("train.augment.noise_sigma")    # additive Gaussian noise (normalised units)
 
 
 @dataclass

@@ -23,7 +23,7 @@ import torch
 
 from unet_pipeline import __version__
 from unet_pipeline.errors import InputError
-from unet_pipeline.io import atomic_file
+from unet_pipeline.atomic import atomic_file
 from unet_pipeline.model import UNet, UNetConfig
 
 log = logging.getLogger(__name__)

@@ -1,11 +1,15 @@
-"""`unet-pipeline <stage>`: one subcommand per workflow stage.
+"""`unet-pipeline <stage>` (or `python -m unet_pipeline <stage>`): one subcommand per workflow stage.
 
 Snakemake rules call these (with arguments from `stages`), and each also
-runs on its own. Option defaults are the config schema's. Errors meant for
-users (bad input, bad config, a file that cannot be read or written) are
-printed as one sentence that names the file or key, without a traceback,
-and the command exits with status 2. Library code reports through `logging`;
-the CLI sends it to stderr, one message per line.
+runs on its own. A block-wise stage (preprocess, predict, segment) given
+`--part i/N` does only that job's share and writes a summary for the
+workflow; without `--part` it does all of it and publishes the store, as a
+user running one command expects. Option defaults and choice lists are the
+config schema's. Errors meant for users (bad input, bad config, a file that
+cannot be read or written) are printed as one sentence that names the file
+or key, without a traceback, and the command exits with status 2. Library
+code reports through `logging`; the CLI sends it to stderr, one message per
+line.
 """
 from __future__ import annotations
 
@@ -16,12 +20,11 @@ import os
 import sys
 from pathlib import Path
 
-from unet_pipeline.config import defaults, load_schema
+from unet_pipeline import schema
 from unet_pipeline.errors import ConfigError, PipelineError
 from unet_pipeline.threads import prefer_sleeping_openmp_threads
 
-
-CHUNKS_PER_FILE_HELP = "chunks per Zarr v3 shard (one file; for predict also one unit of work), default 1,8,8; 1,1,1 = no sharding"
+log = logging.getLogger("unet_pipeline")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -31,6 +34,7 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}; see `{self.prog} --help`\n")
 
 
+# --------------------------------------------------------------------------- argument types
 def _ints(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(v) for v in text.replace("x", ",").split(","))
@@ -56,11 +60,35 @@ def _positive(text: str) -> int:
     return value
 
 
-def _floats(text: str) -> tuple[float, ...]:
+def _voxel_size(text: str):
+    """`auto`, or three positive numbers Z,Y,X in nm."""
+    if text == "auto":
+        return "auto"
     try:
-        return tuple(float(v) for v in text.split(","))
+        values = tuple(float(v) for v in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+        values = ()
+    if len(values) != 3 or min(values) <= 0:
+        raise argparse.ArgumentTypeError(f"expected auto or three positive numbers Z,Y,X in nm, got {text!r}")
+    return values
+
+
+def _levels(text: str):
+    """`auto`, or a number of pyramid levels (0 or more)."""
+    if text == "auto":
+        return "auto"
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected auto or a number of levels, got {text!r}")
+    return int(text)
+
+
+def _part(text: str):
+    from unet_pipeline.geometry import Part
+
+    try:
+        return Part.parse(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _json(text: str | None, option: str, default=None):
@@ -73,10 +101,35 @@ def _json(text: str | None, option: str, default=None):
         raise ConfigError(f"{option} is not valid JSON ({exc.msg} at character {exc.pos}): {text[:80]!r}") from None
 
 
+def _tta(value: str):
+    return int(value) if value.isdigit() else value
+
+
+def _batch_size(value: str) -> int | None:
+    if value == "auto":
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise PipelineError(f"--batch-size must be a positive integer or 'auto', got {value!r}")
+    return int(value)
+
+
+def _use_threads(threads: int) -> None:
+    """This job's threads for zarr's codecs (the torch stages set torch's too)."""
+    from unet_pipeline.stores import use_fast_codecs
+
+    use_fast_codecs(threads)
+
+
+def _report(summary, what: str) -> None:
+    print(f"{what}: {summary.blocks_computed} blocks computed, {summary.blocks_skipped} already done "
+          f"({summary.seconds:.1f} s)")
+
+
+# --------------------------------------------------------------------------- stages
 def cmd_synth(a):
     import tifffile
 
-    from unet_pipeline.io import atomic_file
+    from unet_pipeline.atomic import atomic_file
     from unet_pipeline.synthetic import synthesize_labels_and_raw
 
     raw, labels = synthesize_labels_and_raw(a.slices, a.shape, a.seed, a.cell_diameter_px)
@@ -87,20 +140,33 @@ def cmd_synth(a):
 
 
 def cmd_preprocess(a):
-    from unet_pipeline.preprocess import preprocess
+    from unet_pipeline.blockwise import PartialStore
+    from unet_pipeline.finish import finish_store
+    from unet_pipeline.geometry import Part
+    from unet_pipeline.preprocess import labels_part, raw_part
 
-    if (a.labels is None) != (a.out_labels is None):
-        raise PipelineError("--labels and --out-labels go together")
-    if a.out_raw is None and a.out_labels is None:
-        raise PipelineError("nothing to write: give --out-raw and/or --labels with --out-labels")
-    preprocess(a.raw, a.out_raw, a.labels, a.out_labels, a.chunks, a.voxel_size, a.label_format, a.chunks_per_file)
-    print(f"wrote {', '.join(p for p in (a.out_raw, a.out_labels) if p)}")
+    _use_threads(a.threads)
+    part = a.part or Part(0, 1)
+    common = dict(chunks=a.chunks, chunks_per_file=a.chunks_per_file, voxel_size_nm=a.voxel_size,
+                  pyramid_levels=a.pyramid_levels, threads=a.threads, where=a.voxel_size_key)
+    if a.labels is not None:
+        summary = labels_part(a.labels, a.raw, a.out, part, label_format=a.label_format, **common)
+    else:
+        summary = raw_part(a.raw, a.out, part, **common)
+    summary.write(a.summary)
+    if a.part is None:
+        finish_store(PartialStore(Path(a.out), summary.signature), 1, a.threads)
+        print(f"wrote {a.out}")
+    else:
+        _report(summary, f"preprocess part {part}")
 
 
 def cmd_weights(a):
     from unet_pipeline.weights import write_weights
 
-    write_weights(a.labels, a.out, a.w0, a.sigma_px, a.label_format)
+    _use_threads(a.threads)
+    write_weights(a.labels, a.out, w0=a.w0, sigma_px=a.sigma_px, label_format=a.label_format,
+                  pyramid_levels=a.pyramid_levels, threads=a.threads)
     print(f"wrote {a.out}")
 
 
@@ -108,10 +174,11 @@ def cmd_train(a):
     import torch
 
     from unet_pipeline.config import parse_slices
-    from unet_pipeline.io import open_ome_image
     from unet_pipeline.model import UNetConfig
+    from unet_pipeline.stores import open_image
     from unet_pipeline.train import SliceSet, TrainConfig, load_slices, train, train_data_parallel
 
+    _use_threads(a.threads)
     torch.set_num_threads(a.threads)
     model_cfg = UNetConfig(**_json(a.model, "--model"))
     train_values = _json(a.train, "--train")
@@ -124,7 +191,7 @@ def cmd_train(a):
         raise ConfigError("--datasets must be a JSON list of objects with name, raw, labels, weights (and train, "
                           "validate)")
     for ds in datasets:
-        n = open_ome_image(ds["raw"]).shape[0]
+        n = open_image(ds["raw"]).shape[0]
         tr = parse_slices(ds.get("train"), n, f"datasets.{ds['name']}.train")
         va = parse_slices(ds.get("validate"), n, f"datasets.{ds['name']}.validate")
         if tr:
@@ -148,60 +215,73 @@ def cmd_train(a):
 def cmd_predict(a):
     import torch
 
+    from unet_pipeline.blockwise import PartialStore
+    from unet_pipeline.finish import finish_store
+    from unet_pipeline.geometry import Part, UNetConfig
     from unet_pipeline.inference import load_predictor
-    from unet_pipeline.model import UNetConfig
-    from unet_pipeline.predict import parse_shard, predict_volume, write_summary
+    from unet_pipeline.predict import predict_part
 
-    from unet_pipeline.checkpoint import check_training_config, model_from_checkpoint
-
+    _use_threads(a.threads)
     torch.set_num_threads(a.threads)
     expected = UNetConfig(**_json(a.model, "--model")) if a.model else None
-    training = _json(a.run_config, "--run-config")
-    shard = parse_shard(a.shard)
-    if a.init_only:  # no network is run: check the checkpoint on the CPU, whatever the device
-        _, state = model_from_checkpoint(a.checkpoint, expected)
-        if training is not None:
-            check_training_config(a.checkpoint, state, training)
-        predictor = None
+    predictor = load_predictor(a.checkpoint, a.device, a.precision, _tta(a.tta), a.tile_size,
+                               _batch_size(a.batch_size), expected, compile=a.compile == "1",
+                               expected_training=_json(a.run_config, "--run-config"))
+    part = a.part or Part(0, 1)
+    summary = predict_part(predictor, a.raw, a.out, a.checkpoint, part, chunks=a.chunks,
+                           chunks_per_file=a.chunks_per_file, out_dtype=a.dtype, tta=_tta(a.tta),
+                           precision=a.precision, pyramid_levels=a.pyramid_levels, writers=a.writers,
+                           progress=not a.no_progress)
+    summary.write(a.summary)
+    if a.part is None:
+        finish_store(PartialStore(Path(a.out), summary.signature), 1, a.threads)
+        print(f"wrote {a.out}")
     else:
-        predictor = load_predictor(a.checkpoint, a.device, a.precision, _tta(a.tta), a.tile_size,
-                                   _batch_size(a.batch_size), expected, compile=a.compile == "1",
-                                   expected_training=training)
-    stats = predict_volume(predictor, a.raw, a.out, a.checkpoint, a.chunks, a.dtype, shard,
-                           a.workers, a.overwrite, not a.no_progress, a.precision, _tta(a.tta), a.init_only,
-                           a.chunks_per_file)
-    if a.summary:
-        write_summary(a.summary, stats)
-    print(f"predicted {stats.blocks_computed} blocks ({stats.blocks_skipped} already done) into {a.out}")
-
-
-def _batch_size(value: str) -> int | None:
-    if value == "auto":
-        return None
-    if not value.isdigit() or int(value) < 1:
-        raise PipelineError(f"--batch-size must be a positive integer or 'auto', got {value!r}")
-    return int(value)
-
-
-def _tta(value: str):
-    return int(value) if value.isdigit() else value
-
-
-def cmd_gather(a):
-    from unet_pipeline.io import atomic_write_text
-    from unet_pipeline.predict import gather
-
-    gather(a.out, a.pyramid_levels)
-    if a.done_file:
-        atomic_write_text(a.done_file, f"{a.out}\n")
-    print(f"{a.out} is complete")
+        _report(summary, f"predict part {part}")
 
 
 def cmd_segment(a):
-    from unet_pipeline.segment import segment
+    from unet_pipeline import segment
+    from unet_pipeline.blockwise import PartSummary
+    from unet_pipeline.geometry import Part
 
-    count = segment(a.prob, a.out, a.threshold, a.connectivity, a.workers)
-    print(f"wrote {a.out}: {count} cells")
+    _use_threads(a.threads)
+    settings = dict(threshold=a.threshold, connectivity=a.connectivity, pyramid_levels=a.pyramid_levels)
+    if a.step == "all":
+        count = segment.segment(a.prob, a.out, threads=a.threads, **settings)
+        print(f"wrote {a.out}: {count} cells")
+        return
+    part = a.part or Part(0, 1)
+    if a.step == "label":
+        summary = segment.label_part(a.prob, a.out, part, threads=a.threads, **settings)
+    else:
+        store, _ = segment.open_store(a.prob, a.out, **settings)
+        if a.step == "join":
+            summary = PartSummary(str(store.final), store.signature, "join",
+                                  extra=segment.join(store, a.connectivity))
+        else:
+            summary = segment.relabel_part(store, part, a.threads)
+    summary.write(a.summary)
+    print(f"segment {a.step}: done")
+
+
+def cmd_pyramid(a):
+    from unet_pipeline.blockwise import PartialStore
+    from unet_pipeline.geometry import Part
+    from unet_pipeline.pyramid import pyramid_part
+
+    _use_threads(a.threads)
+    summary = pyramid_part(PartialStore.from_marker(a.from_), a.level, a.part or Part(0, 1), a.threads)
+    summary.write(a.summary)
+    _report(summary, f"pyramid level {a.level}")
+
+
+def cmd_finish(a):
+    from unet_pipeline.finish import finish_from_marker
+
+    _use_threads(a.threads)
+    final = finish_from_marker(a.from_, a.first_unbuilt_level, a.threads)
+    print(f"{final} is complete")
 
 
 def cmd_evaluate(a):
@@ -210,7 +290,7 @@ def cmd_evaluate(a):
 
     n = open_stack(a.labels).shape[0]
     slices = parse_slices(_json(a.slices, "--slices") if a.slices.startswith("[") else a.slices, n, "--slices")
-    summary = evaluate(a.prob, a.labels, slices, a.out_json, a.out_slices, a.out_curves, a.out_plot, a.workers,
+    summary = evaluate(a.prob, a.labels, slices, a.out_json, a.out_slices, a.out_curves, a.out_plot, a.processes,
                        a.membrane_probability, a.kind)
     print(json.dumps({k: summary[k] for k in ("pixel_error", "rand_error", "warping_error", "v_rand", "v_info")}))
 
@@ -227,20 +307,38 @@ def cmd_report(a):
 
 
 def cmd_validate_config(a):
-    from unet_pipeline.config import load_config
+    from unet_pipeline.config import check_sources, load_config
 
-    load_config(*a.files)
-    print("config is valid")
+    config = load_config(*a.files)
+    shapes = check_sources(config)
+    print("config is valid; stacks: " + ", ".join(f"{n} {tuple(s)}" for n, s in shapes.items()))
 
 
+# --------------------------------------------------------------------------- the parser
 def build_parser() -> argparse.ArgumentParser:
     """The subcommands; every default that is also a config key comes from the config schema."""
-    pre, wts, pred, seg, ev = (defaults(k) for k in ("preprocess", "weights", "predict", "segment", "evaluate"))
-    schema = load_schema()
-    synth = {k: v["default"] for k, v in schema["$defs"]["synthetic_stack"]["properties"].items()}
-    label_format = schema["properties"]["datasets"]["additionalProperties"]["properties"]["label_format"]
+    d = schema.default
+    synth = schema.synthetic_defaults()
+    label_format = schema.dataset_key("label_format")
     p = _Parser(prog="unet-pipeline", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
+
+    def threads(s):
+        s.add_argument("--threads", type=_positive, default=os.cpu_count(), help="CPU threads of this job")
+
+    def part(s, what):
+        s.add_argument("--part", type=_part, help=f"i/N: only this job's share of {what}; without it, all of it "
+                                                  "and the finished store")
+        s.add_argument("--summary", help="write this job's summary (JSON) here")
+
+    def layout(s, section):
+        s.add_argument("--chunks", type=_zyx, default=tuple(d(f"{section}.chunks")), help="Z,Y,X")
+        s.add_argument("--chunks-per-file", type=_zyx, default=tuple(d(f"{section}.chunks_per_file")),
+                       help="chunks per Zarr v3 shard (one file, the unit of work); 1,1,1 = no sharding")
+
+    def levels(s):
+        s.add_argument("--pyramid-levels", type=_levels, default=d("pyramid.levels"),
+                       help="downsampled levels: auto (down to one chunk per slice) or a number")
 
     s = sub.add_parser("synth", help="generate an EM-like stack with exact ground truth")
     s.add_argument("--out-raw", required=True)
@@ -251,23 +349,28 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--cell-diameter-px", type=float, default=synth["cell_diameter_px"])
     s.set_defaults(func=cmd_synth)
 
-    s = sub.add_parser("preprocess", help="TIFF/Zarr stack -> chunked OME-Zarr with normalisation statistics")
-    s.add_argument("--raw", required=True)
-    s.add_argument("--out-raw", help="raw OME-Zarr to write (omit to write only labels)")
-    s.add_argument("--labels")
-    s.add_argument("--out-labels")
-    s.add_argument("--chunks", type=_zyx, default=tuple(pre["chunks"]), help="Z,Y,X")
-    s.add_argument("--chunks-per-file", type=_zyx, default=tuple(pre["chunks_per_file"]), help=CHUNKS_PER_FILE_HELP)
-    s.add_argument("--voxel-size", type=_floats, default=tuple(pre["voxel_size_nm"]), help="Z,Y,X in nm")
+    s = sub.add_parser("preprocess", help="TIFF/Zarr stack -> chunked OME-Zarr (raw with statistics, or labels)")
+    s.add_argument("--raw", required=True, help="the raw stack (TIFF, TIFF folder, Zarr, OME-Zarr)")
+    s.add_argument("--labels", help="write this label stack (checked against --raw) instead of the raw one")
+    s.add_argument("--out", required=True, help="the OME-Zarr to write")
+    layout(s, "preprocess")
+    s.add_argument("--voxel-size", type=_voxel_size, default=d("preprocess.voxel_size_nm"),
+                   help="Z,Y,X in nm, or auto (from the file's metadata)")
+    s.add_argument("--voxel-size-key", default="--voxel-size", help=argparse.SUPPRESS)
     s.add_argument("--label-format", default=label_format["default"], choices=label_format["enum"])
+    levels(s)
+    threads(s)
+    part(s, "the strips")
     s.set_defaults(func=cmd_preprocess)
 
     s = sub.add_parser("weights", help="the paper's weight maps from a label OME-Zarr")
     s.add_argument("--labels", required=True)
     s.add_argument("--out", required=True)
-    s.add_argument("--w0", type=float, default=wts["w0"])
-    s.add_argument("--sigma-px", type=float, default=wts["sigma_px"])
+    s.add_argument("--w0", type=float, default=d("weights.w0"))
+    s.add_argument("--sigma-px", type=float, default=d("weights.sigma_px"))
     s.add_argument("--label-format", default=label_format["default"], choices=label_format["enum"])
+    levels(s)
+    threads(s)
     s.set_defaults(func=cmd_weights)
 
     s = sub.add_parser("train", help="train the U-Net")
@@ -278,52 +381,66 @@ def build_parser() -> argparse.ArgumentParser:
                                         "checkpoint and checked by predict")
     s.add_argument("--out", required=True)
     s.add_argument("--resume", action="store_true",
-                   help="continue OUT/last.pt if it is an unfinished run on the same data and config")
-    s.add_argument("--threads", type=_positive, default=os.cpu_count())
-    s.add_argument("--cpu-processes", type=_positive, default=1, help="data-parallel CPU processes (gloo) without GPUs")
+                   help="continue OUT/last.pt if it is a run on the same data and config")
+    threads(s)
+    s.add_argument("--cpu-processes", type=_positive, default=1, help="data-parallel CPU processes (gloo) without "
+                                                                      "GPUs")
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=cmd_train)
 
-    s = sub.add_parser("predict", help="overlap-tile prediction of one shard into an OME-Zarr")
-    s.add_argument("--raw", required=True)
+    s = sub.add_parser("predict", help="overlap-tile prediction into a probability OME-Zarr")
+    s.add_argument("--raw", required=True, help="the raw OME-Zarr written by preprocess")
     s.add_argument("--checkpoint", required=True)
     s.add_argument("--model", help="JSON of the model section: refuse a checkpoint trained with another one")
     s.add_argument("--run-config", help="JSON of the training config expected of the checkpoint (as train's "
                                         "--run-config): another model is refused, other differences warned about")
     s.add_argument("--out", required=True)
-    s.add_argument("--tile-size", type=_positive, default=pred["tile_size"])
-    s.add_argument("--chunks", type=_zyx, default=tuple(pred["chunks"]), help="Z,Y,X")
-    s.add_argument("--chunks-per-file", type=_zyx, default=tuple(pred["chunks_per_file"]), help=CHUNKS_PER_FILE_HELP)
-    s.add_argument("--dtype", default=pred["dtype"], choices=("float16", "float32", "uint8"))
-    s.add_argument("--tta", default=pred["tta"])
-    s.add_argument("--shard", default="0/1", help="i/N: this job's share of the blocks")
-    s.add_argument("--device", default=pred["device"])
-    s.add_argument("--precision", default=pred["precision"], choices=("auto", "bf16", "fp16", "fp32"))
-    s.add_argument("--batch-size", default=str(pred["batch_size"]),
+    s.add_argument("--tile-size", type=_positive, default=d("predict.tile_size"))
+    layout(s, "predict")
+    s.add_argument("--dtype", default=d("predict.dtype"), choices=schema.choices("predict.dtype"))
+    s.add_argument("--tta", default=str(d("predict.tta")))
+    s.add_argument("--device", default=d("predict.device"))
+    s.add_argument("--precision", default=d("predict.precision"), choices=schema.choices("predict.precision"))
+    s.add_argument("--batch-size", default=str(d("predict.batch_size")),
                    help="network inputs per forward pass (tiles x TTA transforms), or auto: chosen for the device")
-    s.add_argument("--compile", nargs="?", const="1", default="1" if pred["compile"] else "0", choices=("0", "1"),
-                   help="torch.compile the network (falls back with a warning); --compile 0 turns it off")
-    s.add_argument("--workers", type=_positive, default=pred["writers"], help="writer threads (compression runs there)")
-    s.add_argument("--threads", type=_positive, default=os.cpu_count())
-    s.add_argument("--overwrite", action="store_true", help="replace an output store of a different prediction")
-    s.add_argument("--init-only", action="store_true", help="only create the output store (before the shards run)")
-    s.add_argument("--summary", help="write a JSON summary of this shard here")
+    s.add_argument("--compile", nargs="?", const="1", default="1" if d("predict.compile") else "0",
+                   choices=("0", "1"), help="torch.compile the network (falls back with a warning); --compile 0 "
+                                            "turns it off")
+    s.add_argument("--writers", type=_positive, default=d("predict.writers"),
+                   help="threads that compress and write blocks")
+    levels(s)
+    threads(s)
+    part(s, "the strips")
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=cmd_predict)
-
-    s = sub.add_parser("gather", help="check all predict shards, build the pyramid, mark complete")
-    s.add_argument("--out", required=True)
-    s.add_argument("--pyramid-levels", type=int, default=pred["pyramid_levels"])
-    s.add_argument("--done-file")
-    s.set_defaults(func=cmd_gather)
 
     s = sub.add_parser("segment", help="threshold + connected components into an OME-Zarr label image")
     s.add_argument("--prob", required=True)
     s.add_argument("--out", required=True)
-    s.add_argument("--threshold", type=float, default=seg["threshold"])
-    s.add_argument("--connectivity", default=seg["connectivity"], choices=("2d", "3d"))
-    s.add_argument("--workers", type=_positive, default=2)
+    s.add_argument("--step", default="all", choices=("all", "label", "join", "relabel"),
+                   help="all (default), or one step of the workflow's jobs: label blocks (parts), join labels "
+                        "across block faces (one job), relabel blocks (parts)")
+    s.add_argument("--threshold", type=float, default=d("segment.threshold"))
+    s.add_argument("--connectivity", default=d("segment.connectivity"), choices=schema.choices("segment.connectivity"))
+    levels(s)
+    threads(s)
+    part(s, "the blocks")
     s.set_defaults(func=cmd_segment)
+
+    s = sub.add_parser("pyramid", help="one pyramid level (or a job's share of it) of a store being written")
+    s.add_argument("--from", dest="from_", required=True, help="a summary written by a job of the store")
+    s.add_argument("--level", type=_positive, required=True)
+    threads(s)
+    part(s, "the level's blocks")
+    s.set_defaults(func=cmd_pyramid)
+
+    s = sub.add_parser("finish", help="check every block of a store written in parts, build its coarse levels, "
+                                      "publish it")
+    s.add_argument("--from", dest="from_", required=True, help="a summary written by a job of the store")
+    s.add_argument("--first-unbuilt-level", type=_positive, default=1,
+                   help="levels from this one on are built here (the ones before had jobs of their own)")
+    threads(s)
+    s.set_defaults(func=cmd_finish)
 
     s = sub.add_parser("evaluate", help="ISBI 2012 metrics on test slices")
     s.add_argument("--prob", required=True, help="probability OME-Zarr, or any TIFF/Zarr stack")
@@ -333,7 +450,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out-slices", required=True)
     s.add_argument("--out-curves", required=True)
     s.add_argument("--out-plot")
-    s.add_argument("--workers", type=_positive, default=ev["workers"])
+    s.add_argument("--processes", type=_positive, default=d("evaluate.processes"),
+                   help="processes scoring slices in parallel")
     s.add_argument("--membrane-probability", action="store_true", help="the map gives membrane probability")
     s.add_argument("--kind", default="probability", choices=("probability", "binary", "instances"))
     s.set_defaults(func=cmd_evaluate)
@@ -345,7 +463,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--example", help="JSON {dataset, raw, prob, seg, slice}")
     s.set_defaults(func=cmd_report)
 
-    s = sub.add_parser("validate-config", help="check config files against the schema")
+    s = sub.add_parser("validate-config", help="check config files against the schema and the stacks' headers")
     s.add_argument("files", nargs="+")
     s.set_defaults(func=cmd_validate_config)
     return p

@@ -9,31 +9,37 @@ the per-slice counts as each metric defines it (metrics.aggregate).
 from __future__ import annotations
 
 import csv
-import io as pyio
+import io
 import json
 import os
 from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 
-from unet_pipeline import io
+from unet_pipeline import atomic, stores
 from unet_pipeline.errors import ConfigError, InputError
+from unet_pipeline.sources import StackSource
 from unet_pipeline.metrics import as_cell_probability, aggregate, slice_statistics, thresholds
 
 METRIC_NAMES = ("pixel_error", "rand_error", "warping_error", "warping_residual_at_0.5", "v_rand", "v_info")
 
 
 def open_stack(path):
-    """An OME-Zarr written by this package (checked complete), or any TIFF/Zarr stack."""
-    import zarr
+    """An OME-Zarr written by this package (checked complete, read with checksums), or any TIFF/Zarr stack."""
+    if stores.is_complete(path):
+        return stores.open_image(path)
+    if stores.store_attrs(path):  # ours, but unfinished: say so rather than read it as a plain Zarr
+        stores.open_image(path)
+    return StackSource(path)
 
-    from unet_pipeline.io import StackSource
 
-    try:
-        is_group = isinstance(zarr.open(str(path), mode="r"), zarr.Group)
-    except io.ZARR_OPEN_ERRORS:
-        is_group = False  # a TIFF, a folder of TIFFs, or missing: StackSource says which
-    return io.open_ome_image(path) if is_group else StackSource(path)
+def read_proposal(path, z: int) -> np.ndarray:
+    """Slice `z` of a proposal: this package's probabilities decoded by their recorded scale, else as stored."""
+    stack = open_stack(path)
+    values = stack[z]
+    if isinstance(stack, stores.StoreImage) and stores.PROBABILITY_SCALE_KEY in stack.attrs:
+        return stores.as_probability(values, stack.attrs[stores.PROBABILITY_SCALE_KEY])
+    return values
 
 
 # float16 storage rounds probabilities just below 1 up by at most one ulp (2^-10);
@@ -43,7 +49,7 @@ STORAGE_ROUNDING = 2.0 ** -10
 
 def _slice_stats(args):
     prob_path, labels_path, z, membrane, kind = args
-    p = np.asarray(open_stack(prob_path)[z])
+    p = read_proposal(prob_path, z)
     gt = np.asarray(open_stack(labels_path)[z])
     if kind == "probability" and np.issubdtype(p.dtype, np.floating):
         p = p.astype(np.float64)
@@ -56,7 +62,7 @@ def _slice_stats(args):
 
 
 def _csv(rows: list[list]) -> str:
-    buf = pyio.StringIO()
+    buf = io.StringIO()
     csv.writer(buf).writerows(rows)
     return buf.getvalue()
 
@@ -89,15 +95,15 @@ def evaluate(prob_path: str | os.PathLike, labels_path: str | os.PathLike, slice
         per_slice = [_slice_stats(job) for job in jobs]
     result = aggregate([stats for _, stats in per_slice])
     summary = {**result.summary(), "slices": list(slices), "prediction": str(prob_path), "labels": str(labels_path)}
-    io.atomic_write_text(out_json, json.dumps(summary, indent=2))
+    atomic.atomic_write_text(out_json, json.dumps(summary, indent=2))
     rows = [["slice", *METRIC_NAMES]]
     rows += [[z, *aggregate([stats]).summary().values()] for z, stats in per_slice]
-    io.atomic_write_text(out_slices_csv, _csv(rows))
+    atomic.atomic_write_text(out_slices_csv, _csv(rows))
     names = list(result.curves)
     rows = [["threshold", *names]]
     for k, th in enumerate(thresholds()):
         rows.append([th, *(result.curves[m][k][1] if k < len(result.curves[m]) else "" for m in names)])
-    io.atomic_write_text(out_curves_csv, _csv(rows))
+    atomic.atomic_write_text(out_curves_csv, _csv(rows))
     if out_plot:
         plot_curves(result.curves, out_plot)
     return summary

@@ -4,7 +4,6 @@ Everything between "raw tiles on the device" and "cell probability on the
 device" lives here, so that the volume pipeline (`predict.py`) and validation
 during training (`train.py`) run the network the same way:
 
-- normalisation on the device (raw uint8 tiles travel, 4x fewer bytes than float);
 - test-time augmentation (the 8 symmetries of the square) batched into one
   forward pass instead of one pass per transform;
 - channels_last memory format (faster convolutions on GPUs and with oneDNN);
@@ -28,28 +27,14 @@ from unet_pipeline.checkpoint import check_training_config, model_from_checkpoin
 from unet_pipeline.device import autocast, describe, resolve_device, resolve_dtype, tune_convolutions
 from unet_pipeline.errors import ConfigError
 from unet_pipeline.model import UNetConfig
-from unet_pipeline.tiling import Box, ChunkPlan, read_mirrored
+from unet_pipeline.geometry import DIHEDRAL, Box, tta_transforms
+from unet_pipeline.tiling import TilePlan, read_mirrored
 
 log = logging.getLogger(__name__)
 
-# The 8 symmetries of the square as (quarter turns, flip); test-time augmentation.
-DIHEDRAL = tuple((k, f) for f in (False, True) for k in range(4))
 # Largest batch `batch_size: auto` picks on a GPU: beyond 16 tiles of 572^2 the
 # paper's network gains nothing measurable (issue 10: 111 Mvoxel/s at 16).
 MAX_AUTO_BATCH = 16
-
-
-def tta_transforms(tta: str | int | list) -> tuple[tuple[int, bool], ...]:
-    """'none' -> identity; 'flips' -> 4 flips; 'd4' or 8 -> all 8; an int n -> first n of the 8."""
-    if tta in ("none", None, 0, 1):
-        return DIHEDRAL[:1]
-    if tta in ("d4", 8):
-        return DIHEDRAL
-    if tta == "flips":
-        return ((0, False), (2, False), (0, True), (2, True))
-    if isinstance(tta, int) and 1 <= tta <= 8:
-        return DIHEDRAL[:tta]
-    raise ConfigError(f"predict.tta must be 'none', 'flips', 'd4' or 1-8, got {tta!r}")
 
 
 def _apply(x: torch.Tensor, k: int, flip: bool) -> torch.Tensor:
@@ -102,9 +87,9 @@ class Predictor:
 
     model: nn.Module
     device: torch.device
+    tile_size: int
     dtype: torch.dtype | None = None
     transforms: tuple[tuple[int, bool], ...] = DIHEDRAL[:1]
-    max_tile: int = 388
     batch_size: int | None = None
     channels_last: bool = True
     compile: bool = False
@@ -113,13 +98,13 @@ class Predictor:
 
     def __post_init__(self):
         cfg = self.model.cfg
-        cfg.check_output_size(self.max_tile, "predict.tile_size")
+        cfg.check_output_size(self.tile_size, "predict.tile_size")
         self.model = self.model.to(self.device).eval()
         tune_convolutions(self.device, self.dtype)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         if self.batch_size is None:
-            self.batch_size = auto_batch_size(cfg, self.max_tile, self.device, len(self.transforms))
+            self.batch_size = auto_batch_size(cfg, self.tile_size, self.device, len(self.transforms))
         if self.batch_size < 1:
             raise ConfigError(f"predict.batch_size must be at least 1 or 'auto', got {self.batch_size}")
         self._net = self.model
@@ -194,8 +179,8 @@ class Predictor:
         return torch.stack(parts).mean(dim=0)
 
     @torch.inference_mode()
-    def predict_region(self, region: torch.Tensor, plan: ChunkPlan) -> torch.Tensor:
-        """Run every tile of `plan` on the normalised `region` (its read box, on the device); returns the chunk."""
+    def predict_region(self, region: torch.Tensor, plan: TilePlan) -> torch.Tensor:
+        """Run every tile of `plan` on the normalised `region` (its read box, on the device); returns the region."""
         out = torch.empty(plan.computed.shape, dtype=torch.float32, device=self.device)
         jobs = [(z, tile) for z in range(region.shape[0]) for tile in plan.tiles]
         for i in range(0, len(jobs), self.tiles_per_batch):
@@ -204,18 +189,18 @@ class Predictor:
             prob = self.probabilities(tiles.float())
             for (z, tile), p in zip(group, prob):
                 out[(z, *tile.output.slices[1:])] = p
-        return out[plan.chunk.relative_to(plan.computed.start).slices]
+        return out[plan.region.relative_to(plan.computed.start).slices]
 
     def predict_image(self, image: np.ndarray) -> np.ndarray:
         """Whole-array prediction of normalised (slices, y, x) data held in memory."""
         image = image[None] if image.ndim == 2 else image
-        plan = ChunkPlan.make(Box((0, 0, 0), image.shape), self.cfg, self.max_tile)
+        plan = TilePlan.make(Box((0, 0, 0), image.shape), self.cfg, self.tile_size)
         region = torch.from_numpy(np.ascontiguousarray(read_mirrored(image, plan.read), np.float32)).to(self.device)
         return self.predict_region(region, plan).cpu().numpy()
 
 
-def load_predictor(checkpoint: str | os.PathLike, device: str = "auto", precision: str = "auto",
-                   tta="none", tile_size: int = 388, batch_size: int | None = None,
+def load_predictor(checkpoint: str | os.PathLike, device: str, precision: str, tta, tile_size: int,
+                   batch_size: int | None = None,
                    expected_model: UNetConfig | None = None, compile: bool = False,
                    channels_last: bool = True, expected_training: dict | None = None) -> Predictor:
     """The checkpoint's network ready to predict; refuses one that differs from `expected_model`.
@@ -231,7 +216,7 @@ def load_predictor(checkpoint: str | os.PathLike, device: str = "auto", precisio
     dtype = resolve_dtype(precision, dev)
     log.info("predicting with %s (step %s of its training) on %s", checkpoint, state.get("step", "?"),
              describe(dev, dtype, device, precision))
-    return Predictor(model, dev, dtype, tta_transforms(tta), tile_size, batch_size,
+    return Predictor(model, dev, tile_size, dtype, tta_transforms(tta), batch_size,
                      channels_last=channels_last, compile=compile)
 
 

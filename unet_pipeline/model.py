@@ -6,154 +6,19 @@ with ReLU per level, dropout at the end of the contracting path, 2x2
 up-convolutions that halve the channels, crop-and-concatenate skips and a 1x1
 output convolution: 23 convolutional layers, He initialisation. Depth, width,
 padding ('valid' | 'same') and batch norm are options (UNET.md, "Variants").
+The hyper-parameters and the tile sizes they allow are `geometry.UNetConfig`
+(torch-free, so the configuration can be checked without loading torch).
 """
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 
-from unet_pipeline.config import defaults
-from unet_pipeline.errors import ConfigError
+from unet_pipeline.geometry import UNetConfig
 
-_DEFAULTS = defaults("model")  # the config schema holds every default (the paper's network)
-
-
-@dataclass(frozen=True)
-class UNetConfig:
-    """Hyper-parameters of the network; the defaults are the paper's."""
-
-    in_channels: int = 1
-    num_classes: int = 2
-    depth: int = _DEFAULTS["depth"]
-    base_channels: int = _DEFAULTS["base_channels"]
-    padding: str = _DEFAULTS["padding"]
-    batch_norm: bool = _DEFAULTS["batch_norm"]
-    dropout: float = _DEFAULTS["dropout"]
-    # Context kept around each output tile when padding == "same": convolutions
-    # near a tile edge see zeros, so tiles overlap by this margin and are cropped.
-    same_halo_px: int = _DEFAULTS["same_halo_px"]
-
-    def __post_init__(self):
-        if self.padding not in ("valid", "same"):
-            raise ConfigError(f"model.padding must be 'valid' or 'same', got {self.padding!r}")
-        if not 1 <= self.depth <= 6:
-            raise ConfigError(f"model.depth must be between 1 and 6, got {self.depth}")
-        if self.base_channels < 1 or self.num_classes < 2 or self.in_channels < 1:
-            raise ConfigError("model.base_channels, num_classes (>= 2) and in_channels must be positive")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"model.dropout must lie in [0, 1), got {self.dropout}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    # --- geometry -----------------------------------------------------------
-    @property
-    def _conv_loss(self) -> int:
-        """Pixels lost per side by one pair of 3x3 convolutions."""
-        return 2 if self.padding == "valid" else 0
-
-    def output_size(self, input_size: int) -> int:
-        """Output side length for an input side, or raise if a pooling would see an odd size."""
-        size = input_size
-        for level in range(self.depth):
-            size -= 2 * self._conv_loss
-            if size <= 0 or size % 2:
-                raise ValueError(f"input {input_size} gives odd or empty size {size} before pooling {level + 1}")
-            size //= 2
-        size -= 2 * self._conv_loss
-        if size <= 0:
-            raise ValueError(f"input {input_size} is too small")
-        for _ in range(self.depth):
-            size = 2 * size - 2 * self._conv_loss
-            if size <= 0:
-                raise ValueError(f"input {input_size} is too small")
-        return size
-
-    @property
-    def context_margin(self) -> int:
-        """Input pixels needed on each side of an output tile (92 for the paper's net)."""
-        if self.padding == "same":
-            return self.same_halo_px
-        # Valid convs: the margin does not depend on the tile size.
-        smallest = self.min_output_size
-        return (self.input_size(smallest) - smallest) // 2
-
-    @property
-    def size_step(self) -> int:
-        """Valid output sizes form an arithmetic progression with this step (2**depth)."""
-        return 2 ** self.depth
-
-    @property
-    def min_output_size(self) -> int:
-        """Smallest valid output side; every valid side is this plus a multiple of `size_step`."""
-        return self.size_step if self.padding == "same" else self._valid_base()
-
-    def input_size(self, output_size: int, key: str = "tile_size") -> int:
-        """Input side that yields exactly `output_size`, or ConfigError naming `key` and the nearest valid sizes."""
-        if self.padding == "same":
-            core = output_size
-            if core % self.size_step:
-                raise self._invalid(output_size, key)
-            return core + 2 * self.same_halo_px
-        size = output_size
-        for _ in range(self.depth):
-            size += 2 * self._conv_loss
-            if size % 2:
-                raise self._invalid(output_size, key)
-            size //= 2
-        size += 2 * self._conv_loss
-        for _ in range(self.depth):
-            size = 2 * size + 2 * self._conv_loss
-        if size <= 0 or self.output_size(size) != output_size:
-            raise self._invalid(output_size, key)
-        return size
-
-    def is_valid_output_size(self, output_size: int) -> bool:
-        try:
-            self.input_size(output_size)
-            return True
-        except ConfigError:
-            return False
-
-    def check_output_size(self, output_size: int, key: str = "tile_size") -> None:
-        """The one check of a tile size (config, training, prediction): ConfigError naming `key`."""
-        self.input_size(output_size, key)
-
-    def _invalid(self, output_size: int, key: str) -> ConfigError:
-        lo, hi = self.nearest_valid_output_sizes(output_size)
-        return ConfigError(
-            f"config key '{key}': {output_size} is not a valid output tile for this network (depth {self.depth}, "
-            f"{self.padding} convolutions); nearest valid sizes: {lo} and {hi}"
-        )
-
-    def nearest_valid_output_sizes(self, output_size: int) -> tuple[int, int]:
-        """The valid output sides just below and above `output_size` (both equal if it is valid)."""
-        base = self.min_output_size
-        k = max(0, math.floor((output_size - base) / self.size_step))
-        lo = base + k * self.size_step
-        hi = lo + self.size_step if lo < output_size else lo
-        return lo, hi
-
-    def _valid_base(self) -> int:
-        # Arithmetic, so that the error path never recurses into input_size():
-        # the smallest output whose sizes stay even at every pooling.
-        loss = self._conv_loss
-        step = self.size_step
-        for out in range(1, step + 1):
-            size = out
-            ok = True
-            for _ in range(self.depth):
-                size += 2 * loss
-                if size % 2:
-                    ok = False
-                    break
-                size //= 2
-            if ok:
-                return out
-        raise AssertionError("no valid residue")  # pragma: no cover
+__all__ = ["UNet", "UNetConfig", "center_crop", "count_conv_layers"]
 
 
 class DoubleConv(nn.Sequential):

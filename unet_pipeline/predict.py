@@ -1,11 +1,12 @@
-"""Overlap-tile inference over volumes far larger than memory (paper, Fig. 2).
+"""Overlap-tile prediction (paper, Fig. 2) over volumes far larger than memory, in parts that run as separate jobs.
 
-The data path is a bounded pipeline of three stages, so that the network,
-not the bookkeeping around it, sets the speed:
+Each part predicts its strips of output blocks (one Zarr shard, one file
+each) into the probability store, through a bounded pipeline of three
+stages, so that the network, not the bookkeeping around it, sets the speed:
 
-1. a reader thread walks the job's *strips* (a row of output blocks across the
-   whole slice width) in order and reads each strip's input region, mirrored
-   past the volume border; rows shared with the next strip are kept, so every
+1. a reader thread walks the part's *strips* (a row of output blocks across
+   the slice) in order and reads each strip's input region, mirrored past
+   the volume border; rows shared with the next strip are kept, so every
    input chunk is decoded once per job (`StripReader`);
 2. the calling thread is the device feeder: it uploads each strip's raw bytes
    (pinned memory, non-blocking copies on CUDA), cuts tiles from it,
@@ -14,154 +15,52 @@ not the bookkeeping around it, sets the speed:
    probabilities into per-block buffers, all on the device without a host
    synchronisation per tile; a finished block is encoded to the output dtype
    on the device and copied back asynchronously;
-3. writer threads compress and write each block, which is exactly one Zarr v3
-   shard (one file), then record it as finished.
+3. writer threads write each block whole (`blockwise.BlockWriter`: one
+   shard file, made durable, then recorded in the part's completion log).
 
 Memory is bounded by a few strips of raw input and a few output blocks,
 whatever the volume size. Tiles start on the pooling grid, so the result
 equals one whole-slice pass exactly (to 1e-5 in fp32); each output voxel is
-written once. Completion is recorded per block in append-only logs, one file
-per job (`CompletionLog`), after the block's file is fsync'ed: a killed run
-restarts with only unfinished blocks, and `--shard i/N` gives N jobs
-disjoint, contiguous runs of strips that write into one store. The store has
-no OME metadata until `gather` has checked every block, built the pyramid
-and marked it complete, so outside readers never show a half-written map.
+written once. The store is filled under a hidden name carrying a digest of
+the raw image's fingerprint, the checkpoint and the settings
+(`blockwise.PartialStore`): a killed part resumes with its unfinished
+blocks, parts of one run share the store, and a new model or stack starts a
+new one. The finishing job (`finish.finish_store`) checks every block,
+builds the pyramid and publishes the store.
 """
 from __future__ import annotations
 
 import gc
-import json
 import math
 import os
 import queue
-import shutil
 import threading
 import time
-import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import zarr
 from tqdm import tqdm
 
-from unet_pipeline import __version__, io
-from unet_pipeline.blockstore import CompletionLog, block_file, block_grid, finish_store
+from unet_pipeline import __version__, stores
+from unet_pipeline.blockwise import BlockWriter, PartialStore, PartSummary, pending_strips
 from unet_pipeline.checkpoint import file_sha256
-from unet_pipeline.errors import ConfigError, InputError
+from unet_pipeline.errors import InputError
+from unet_pipeline.geometry import STRIP_WIDTH_PX, Box, BlockGrid, Part, clip_chunks
 from unet_pipeline.inference import Predictor, stack_tiles
-from unet_pipeline.preprocess import Normaliser
-from unet_pipeline.provenance import derive_fingerprint, store_fingerprint
-from unet_pipeline.shards import ShardCodec, write_shard
-from unet_pipeline.tiling import Box, ChunkGrid, ChunkPlan, mirror_indices
+from unet_pipeline.normalise import Normaliser
+from unet_pipeline.provenance import KEY as FINGERPRINT, derive_fingerprint, store_fingerprint
+from unet_pipeline.pyramid import image_builder
+from unet_pipeline.resources import READ_AHEAD
+from unet_pipeline.schema import choices
+from unet_pipeline.tiling import TilePlan, mirror_indices
 
-PROGRESS_DIR = "unet_progress"
-OUT_DTYPES = ("float16", "float32", "uint8")
-# Fault injection for tests of retries: fail after N blocks; with the marker
-# variable set, only while the marker file does not exist yet (i.e. once).
-FAULT_ENV = "UNET_PIPELINE_FAIL_AFTER_BLOCKS"
-FAULT_MARKER_ENV = "UNET_PIPELINE_FAULT_MARKER"
-# Strips read ahead of the feeder: enough to hide a read behind the network.
-READ_AHEAD = 2
-# Widest part of a strip handed to the device at once: a strip of a very wide
-# section (100k px) goes as several segments, so that float regions and device
-# uploads stay bounded; the reader still decodes the strip's rows once.
-SEGMENT_PX = 16384
-
-
-def _inject_fault(blocks_done: int) -> None:
-    fail_after = int(os.environ.get(FAULT_ENV, "0") or 0)
-    if not fail_after or blocks_done < fail_after:
-        return
-    marker = os.environ.get(FAULT_MARKER_ENV)
-    if marker:
-        try:
-            fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            return
-        os.close(fd)
-    raise RuntimeError(f"injected fault after {fail_after} blocks ({FAULT_ENV})")
-
-
-# --------------------------------------------------------------------------- output store
-def _store_signature(raw_path, shape, chunks, block, out_dtype, checkpoint_hash, tta, precision,
-                     voxel_size, input_fingerprint) -> dict:
-    return {"input": str(Path(raw_path).resolve()), "input_fingerprint": input_fingerprint, "shape": list(shape),
-            "chunks": list(chunks), "block": list(block), "dtype": out_dtype, "checkpoint_sha256": checkpoint_hash,
-            "tta": str(tta), "precision": precision, "voxel_size": list(voxel_size)}
-
-
-def open_output(out_path: Path, shape, chunks, chunks_per_file, out_dtype: str, signature: dict,
-                overwrite: bool) -> zarr.Array:
-    """Create the output store (race-free across shards) or reopen a matching one."""
-    if overwrite:
-        # The one job allowed to replace the store (the workflow's predict_init) also clears
-        # stores half-created by a killed init; shard jobs never do, as they may race each other.
-        for stale in out_path.parent.glob(f".{out_path.name}.init-*"):
-            shutil.rmtree(stale, ignore_errors=True)
-        if out_path.exists() and not _is_ours(out_path, signature):
-            shutil.rmtree(out_path, ignore_errors=True)
-    if not out_path.exists():
-        tmp = out_path.with_name(f".{out_path.name}.init-{uuid.uuid4().hex[:8]}")
-        io.create_ome_image(tmp, shape, out_dtype, chunks, chunks_per_file=chunks_per_file,
-                            codec=io.fast_compressor(), multiscales=False)
-        zarr.open_group(str(tmp), mode="r+").attrs["predict"] = signature
-
-        try:
-            os.rename(tmp, out_path)  # atomic; fails if another shard won the race
-        except OSError:
-            shutil.rmtree(tmp, ignore_errors=True)
-    existing = dict(zarr.open_group(str(out_path), mode="r").attrs.get("predict", {}))
-    if existing != signature:
-        raise InputError(f"{out_path}: holds a different prediction (differs in {_changed(existing, signature)}); "
-                         "delete it or pass --overwrite to replace it.")
-    # Every block is written whole and almost never equals the fill value:
-    # skipping zarr's per-chunk comparison with it saves 10% of a write.
-    return zarr.open_array(str(out_path / "0"), mode="r+", config={"write_empty_chunks": True})
-
-
-def _changed(existing: dict, signature: dict) -> str:
-    """The signature keys that differ, e.g. 'input_fingerprint' when the raw stack was replaced."""
-    keys = sorted(k for k in set(existing) | set(signature) if existing.get(k) != signature.get(k))
-    return ", ".join(keys) or "layout"
-
-
-def _is_ours(path: Path, signature: dict) -> bool:
-    try:
-        group = zarr.open_group(str(path), mode="r")
-    except io.ZARR_OPEN_ERRORS:
-        return False
-    return dict(group.attrs.get("predict", {})) == signature
+LAYOUT_VERSION = 2
 
 
 # --------------------------------------------------------------------------- strips
-def plan_strips(grid: ChunkGrid, input_chunk_z: int) -> list[tuple[tuple[int, ...], ...]]:
-    """Blocks grouped into strips: all blocks of one block row (z, y) across the width.
-
-    A strip spans as many block layers in z as needed to start and end on the
-    input's z-chunk boundaries, so that no input chunk is shared by two strips
-    of different z and decoded twice.
-    """
-    gz, gy, gx = grid.grid_shape
-    bz = grid.chunks[0]
-    layers = math.lcm(bz, input_chunk_z) // bz
-    strips = []
-    for z0 in range(0, gz, layers):
-        for y in range(gy):
-            strips.append(tuple((z, y, x) for z in range(z0, min(gz, z0 + layers)) for x in range(gx)))
-    return strips
-
-
-def shard_strips(strips: list, shard: int, num_shards: int) -> list:
-    """Contiguous runs of strips per job: each job reads its own rows once, plus the halo."""
-    if not 0 <= shard < num_shards:
-        raise ValueError(f"shard index {shard} is outside 0..{num_shards - 1}")
-    n = len(strips)
-    return strips[shard * n // num_shards:(shard + 1) * n // num_shards]
-
-
 def _runs(index: np.ndarray) -> list[tuple[slice, slice]]:
     """Split mirrored indices into runs of step +1 or -1: (destination slice, source slice) pairs.
 
@@ -185,28 +84,19 @@ def _runs(index: np.ndarray) -> list[tuple[slice, slice]]:
     return runs
 
 
-def _segments(strip: tuple, blocks_wide: int) -> list[tuple]:
-    """A strip's blocks in runs of at most `blocks_wide` block columns, left to right."""
-    columns = sorted({b[2] for b in strip})
-    runs = [set(columns[i:i + blocks_wide]) for i in range(0, len(columns), blocks_wide)]
-    return [tuple(b for b in strip if b[2] in run) for run in runs]
-
-
 class StripReader:
     """Reads the mirrored input regions of consecutive strips, decoding each input chunk once.
 
     Strips arrive in increasing y within a z range; the rows a later strip
     still needs (its context margin reaches back into this one) are kept, and
     only new rows are read, always whole input chunks, so no chunk is decoded
-    twice. Memory: a strip's rows across the full slice width.
+    twice. Reads go through `stores.StoreImage`, so a missing or damaged file
+    of the raw image is an error naming it. Memory: a strip's rows across
+    the slice width.
     """
 
-    def __init__(self, array):
-        self.array = array
-        # Shards on a local disk are decoded here directly where the layout allows (4x less CPU than zarr).
-        root = getattr(array.store, "root", None) if isinstance(array, zarr.Array) else None
-        self._directory = Path(root) / array.path if root is not None else None
-        self._codec = ShardCodec.for_array(array) if self._directory is not None else None
+    def __init__(self, image: stores.StoreImage):
+        self.image = image
         self.voxels_read = 0
         self._z: tuple[int, int] | None = None
         self._y0 = self._y1 = 0
@@ -217,21 +107,18 @@ class StripReader:
 
         `convert(source, destination)` copies (and may normalise) one block of it.
         """
-        _, height, width = self.array.shape
-        row_chunk = self.array.chunks[1]
+        _, height, width = self.image.shape
+        row_chunk = self.image.chunks[1]
         z = (box.start[0], box.stop[0])
         iy = mirror_indices(box.start[1], box.stop[1], height)
         lo, hi = int(iy.min()), int(iy.max()) + 1
         first_row = lo // row_chunk * row_chunk
         if self._z != z or lo < self._y0:
             self._z, self._y0, self._y1 = z, first_row, first_row
-            self._rows = np.empty((z[1] - z[0], 0, width), self.array.dtype)
+            self._rows = np.empty((z[1] - z[0], 0, width), self.image.dtype)
         if hi > self._y1:
             stop = min(height, -(-hi // row_chunk) * row_chunk)
-            if self._codec is not None:
-                fresh = self._codec.read(self._directory, (z[0], self._y1, 0), (z[1], stop, width))
-            else:
-                fresh = np.asarray(self.array[z[0]:z[1], self._y1:stop])
+            fresh = self.image.read(Box((z[0], self._y1, 0), (z[1], stop, width)))
             self.voxels_read += fresh.size
             self._rows = np.concatenate([self._rows[:, first_row - self._y0:], fresh], axis=1)
             self._y0, self._y1 = first_row, stop
@@ -295,7 +182,7 @@ class _Block:
 
 @dataclass
 class _Strip:
-    plan: ChunkPlan
+    plan: TilePlan
     region: torch.Tensor
     slot: list
     jobs: list                      # (z, tile, [blocks it touches])
@@ -303,13 +190,7 @@ class _Strip:
     unfinished: int = 0
 
 
-def _overlap(a: Box, b: Box) -> Box | None:
-    start = tuple(max(x, y) for x, y in zip(a.start, b.start))
-    stop = tuple(min(x, y) for x, y in zip(a.stop, b.stop))
-    return Box(start, stop) if all(s < e for s, e in zip(start, stop)) else None
-
-
-def _strip_jobs(plan: ChunkPlan, blocks: list[_Block]) -> list:
+def _strip_jobs(plan: TilePlan, blocks: list[_Block]) -> list:
     """(z, tile, blocks) for each tile touching a pending block; column-major, so blocks finish early."""
     origin = plan.computed.start
     tiles = sorted(plan.tiles, key=lambda t: (t.output.start[2], t.output.start[1]))
@@ -318,23 +199,12 @@ def _strip_jobs(plan: ChunkPlan, blocks: list[_Block]) -> list:
         for z in range(plan.computed.shape[0]):
             out = Box((origin[0] + z, origin[1] + tile.output.start[1], origin[2] + tile.output.start[2]),
                       (origin[0] + z + 1, origin[1] + tile.output.stop[1], origin[2] + tile.output.stop[2]))
-            touched = [(b, o) for b in blocks if (o := _overlap(out, b.box)) is not None]
+            touched = [(b, o) for b in blocks if (o := out.intersect(b.box)) is not None]
             if touched:
                 jobs.append((z, tile, out, touched))
                 for b, _ in touched:
                     b.remaining += 1
     return jobs
-
-
-@dataclass
-class PredictStats:
-    blocks_total: int = 0
-    blocks_skipped: int = 0
-    blocks_computed: int = 0
-    seconds: float = 0.0
-    voxels: int = 0
-    input_voxels_read: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 def _widen_unsigned(x: torch.Tensor) -> torch.Tensor:
@@ -364,38 +234,34 @@ class _Pipeline:
 
     DEVICE_SIDE: bool | None = None
 
-    def __init__(self, predictor: Predictor, raw, out: zarr.Array, out_path: Path, grid: ChunkGrid,
-                 strips: list, normalise: Normaliser, out_dtype: str, workers: int, log: CompletionLog,
-                 stats: PredictStats, bar):
-        self.p, self.raw, self.out, self.out_path, self.grid = predictor, raw, out, out_path, grid
-        self.strips, self.out_dtype, self.log, self.stats, self.bar = strips, out_dtype, log, stats, bar
+    def __init__(self, predictor: Predictor, raw: stores.StoreImage, writer: BlockWriter, grid: BlockGrid,
+                 strips: list, normalise: Normaliser, out_dtype: str, writers: int, bar):
+        self.p, self.raw, self.writer, self.grid = predictor, raw, writer, grid
+        self.strips, self.out_dtype, self.bar = strips, out_dtype, bar
         self.device = predictor.device
         self.cuda = self.device.type == "cuda"
         self.device_side = self.cuda if self.DEVICE_SIDE is None else self.DEVICE_SIDE
         self.raw_dtype = torch.from_numpy(np.empty(0, raw.dtype)).dtype
         self.normalise = normalise
         self.low, self.scale = normalise.low, normalise.scale
-        self.workers = max(1, workers)
+        self.writers = max(1, writers)
         self.inputs = HostBuffers(READ_AHEAD + 1, self.cuda)
-        self.outputs = HostBuffers(2 * self.workers, self.cuda)
+        self.outputs = HostBuffers(2 * self.writers, self.cuda)
         self.reader = StripReader(raw)
-        self.encoder = ShardCodec.for_array(out)
         self._spare: list[torch.Tensor] = []  # finished blocks' buffers, for the next blocks
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._start = time.perf_counter()
+        self.voxels = 0
 
     # -- stage 1: reader thread
     def _read_all(self, ready: queue.Queue) -> None:
         try:
-            width = max(1, SEGMENT_PX // self.grid.chunks[2])
-            for blocks in (segment for strip in self.strips for segment in _segments(strip, width)):
+            for blocks in self.strips:
                 if self._stop.is_set():
                     return
-                boxes = [self.grid.box(b) for b in blocks]
-                box = Box(tuple(map(min, zip(*[b.start for b in boxes]))),
-                          tuple(map(max, zip(*[b.stop for b in boxes]))))
-                plan = ChunkPlan.make(box, self.p.cfg, self.p.max_tile)
+                box = Box.around([self.grid.box(b) for b in blocks])
+                plan = TilePlan.make(box, self.p.cfg, self.p.tile_size)
                 fill = self.reader.read(plan.read)
                 if self.device_side:  # raw values travel in their stored type; normalised on the device
                     slot, host = self.inputs.take(plan.read.shape, self.raw_dtype)
@@ -427,23 +293,14 @@ class _Pipeline:
         try:
             if event is not None:
                 event.synchronize()
-            path = block_file(self.out_path, block.index)
-            if self.encoder is not None:
-                write_shard(path, self.encoder.encode(host.numpy(), block.index))
-            else:
-                self.out[block.box.slices] = host.numpy()
-                with open(path, "rb") as fh:
-                    os.fsync(fh.fileno())
-            self.log.record(block.index)
+            self.writer.write("0", block.index, host.numpy())
         finally:
             self.outputs.give(slot)
         with self._lock:
-            self.stats.blocks_computed += 1
-            self.stats.voxels += math.prod(block.box.shape)
+            self.voxels += block.box.size
             self.bar.update(1)
             elapsed = time.perf_counter() - self._start
-            self.bar.set_postfix(voxels_per_s=f"{self.stats.voxels / max(elapsed, 1e-9):.3g}")
-            _inject_fault(self.stats.blocks_computed)
+            self.bar.set_postfix(voxels_per_s=f"{self.voxels / max(elapsed, 1e-9):.3g}")
 
     def _emit(self, block: _Block, pool: ThreadPoolExecutor, futures: list) -> None:
         slot, host = self.outputs.take(block.buffer.shape, _TORCH_DTYPES[self.out_dtype])
@@ -478,7 +335,7 @@ class _Pipeline:
         reader = threading.Thread(target=self._read_all, args=(ready,), daemon=True, name="predict-reader")
         reader.start()
         futures: list[Future] = []
-        pool = ThreadPoolExecutor(self.workers, thread_name_prefix="predict-writer")
+        pool = ThreadPoolExecutor(self.writers, thread_name_prefix="predict-writer")
         active: list[_Strip] = []
         exhausted = False
         try:
@@ -522,7 +379,6 @@ class _Pipeline:
                 for strip in active:
                     self.inputs.give(strip.slot)
                 active = []
-        self.stats.input_voxels_read = self.reader.voxels_read
 
     def _into_block(self, item, tiles: torch.Tensor, pool: ThreadPoolExecutor, futures: list) -> bool:
         """A lone tile whose output lies in one block is computed straight into that block's buffer (no copy)."""
@@ -561,125 +417,69 @@ class _Pipeline:
 
 
 # --------------------------------------------------------------------------- stage
-def predict_volume(
-    predictor: Predictor | None,
-    raw_path: str | os.PathLike,
-    out_path: str | os.PathLike,
-    checkpoint: str | os.PathLike,
-    chunks: tuple[int, int, int] = (1, 512, 512),
-    out_dtype: str = "float16",
-    shard: tuple[int, int] = (0, 1),
-    workers: int = 2,
-    overwrite: bool = False,
-    progress: bool = True,
-    precision: str = "auto",
-    tta="none",
-    init_only: bool = False,
-    chunks_per_file: tuple[int, int, int] | None = io.CHUNKS_PER_FILE,
-) -> PredictStats:
-    """Predict the blocks of one shard (job) into `out_path` (created if needed).
+def probability_signature(raw_path, checkpoint, shape, chunks, chunks_per_file, out_dtype: str, tile_size: int,
+                          tta, precision: str, pyramid_levels) -> dict:
+    """Everything that shapes a probability map: the raw image's content, the network, the settings."""
+    return {"kind": "probabilities", "raw": str(Path(raw_path).resolve()), "raw_fingerprint":
+            store_fingerprint(raw_path), "checkpoint_sha256": file_sha256(checkpoint), "shape": list(shape),
+            "chunks": list(chunks), "chunks_per_file": list(chunks_per_file), "dtype": out_dtype,
+            "tile_size": int(tile_size), "tta": str(tta), "precision": precision,
+            "pyramid_levels": pyramid_levels, "layout": LAYOUT_VERSION}
 
-    `init_only` creates (or, with `overwrite`, replaces a different) store and
-    returns: the workflow does this once before the shards start, so that a
-    retrained model replaces the old prediction without shards racing to do so.
-    `workers` is the number of writer threads (compression runs there).
+
+def predict_part(predictor: Predictor, raw_path: str | os.PathLike, out_path: str | os.PathLike,
+                 checkpoint: str | os.PathLike, part: Part, *, chunks, chunks_per_file, out_dtype: str,
+                 tta, precision: str, pyramid_levels, writers: int, progress: bool = False) -> PartSummary:
+    """Predict this job's blocks of the probability map of `raw_path` into the store for `out_path`.
+
+    `writers` threads compress and write blocks. Returns the part's summary;
+    the store is published by `finish.finish_store` once every part is done.
     """
     raw_path, out_path = Path(raw_path), Path(out_path)
-    raw = io.open_ome_image(raw_path)
+    raw = stores.open_image(raw_path)
     if raw.ndim != 3:
         raise InputError(f"{raw_path}: expected a 3D (slices, y, x) image, got {raw.ndim}D.")
-    if out_dtype not in OUT_DTYPES:
-        raise ConfigError(f"predict.dtype must be one of {', '.join(OUT_DTYPES)}, got {out_dtype!r}")
-    if any(c > s for c, s in zip(chunks, raw.shape)):
-        raise ConfigError(
-            f"predict.chunks {tuple(chunks)} is larger than the volume {tuple(raw.shape)} of {raw_path}; "
-            "use a chunk shape no larger than the volume."
-        )
-    attrs = io.store_attrs(raw_path)
-    normalise = Normaliser.from_attrs(attrs, str(raw_path))
-    block = io.shard_shape(raw.shape, chunks, chunks_per_file) or tuple(chunks)
-    signature = _store_signature(raw_path, raw.shape, chunks, block, out_dtype, file_sha256(checkpoint), tta,
-                                 precision, io.voxel_size(raw_path), store_fingerprint(raw_path))
-    if io.is_complete(out_path) and _is_ours(out_path, signature):
-        return PredictStats(extra={"already_complete": True})
-    if io.is_complete(out_path) and not overwrite:
-        existing = dict(zarr.open_group(str(out_path), mode="r").attrs.get("predict", {}))
-        raise InputError(f"{out_path}: a complete, different prediction exists (differs in "
-                         f"{_changed(existing, signature)}); pass --overwrite to replace it.")
-    out = open_output(out_path, raw.shape, chunks, chunks_per_file, out_dtype, signature, overwrite)
-    if init_only:
-        return PredictStats(extra={"initialised": str(out_path)})
-    grid = block_grid(out)
-    mine = shard_strips(plan_strips(grid, raw.chunks[0]), *shard)
-    finished = CompletionLog.finished(out_path)
-    total = sum(len(s) for s in mine)
-    pending = [tuple(b for b in s if b not in finished) for s in mine]
-    pending = [s for s in pending if s]
-    stats = PredictStats(blocks_total=total, blocks_skipped=total - sum(len(s) for s in pending))
-    bar = tqdm(total=total, initial=stats.blocks_skipped, unit="block", disable=not progress,
-               desc=f"predict {shard[0]}/{shard[1]}")
-    log = CompletionLog(out_path, f"job-{shard[0]}-of-{shard[1]}")
+    if out_dtype not in choices("predict.dtype"):
+        raise InputError(f"predict.dtype must be one of {', '.join(choices('predict.dtype'))}, got {out_dtype!r}")
+    normalise = Normaliser.from_attrs(raw.attrs, str(raw_path))
+    chunks = clip_chunks(chunks, raw.shape)  # a stack smaller than the chunks gets one chunk
+    voxel = stores.voxel_size(raw_path)
+    signature = probability_signature(raw_path, checkpoint, raw.shape, chunks, chunks_per_file, out_dtype,
+                                      predictor.tile_size, tta, precision, pyramid_levels)
+    store = PartialStore.open(out_path, signature, image_builder(
+        raw.shape, out_dtype, chunks, chunks_per_file, stores.fast_compressor(), voxel, pyramid_levels,
+        kind="probabilities", name="cell_probability", averaged=True))
+    grid = stores.block_grid(store.array("0", "r"))
+    mine = part.of(grid.strips(z_align=raw.chunks[0], max_width=STRIP_WIDTH_PX))
+    pending = pending_strips(mine, store.finished("0"))
+    summary = PartSummary(str(store.final), signature, str(part), blocks_total=sum(len(s) for s in mine))
+    summary.blocks_skipped = summary.blocks_total - sum(len(s) for s in pending)
+    bar = tqdm(total=summary.blocks_total, initial=summary.blocks_skipped, unit="block", disable=not progress,
+               desc=f"predict {part}")
+    writer = BlockWriter(store, f"predict-{part.index}-of-{part.count}")
     start = time.perf_counter()
-    # The pipeline creates many short-lived objects (zarr's asyncio tasks);
-    # frozen, the long-lived ones (torch, the model) are no longer traversed
-    # by every garbage collection: 4% of a prediction's CPU time otherwise.
+    # The pipeline creates many short-lived objects (zarr's tasks); frozen,
+    # the long-lived ones (torch, the model) are no longer traversed by every
+    # garbage collection: 4% of a prediction's CPU time otherwise.
     gc.freeze()
     try:
         if pending:
-            _Pipeline(predictor, raw, out, out_path, grid, pending, normalise, out_dtype, workers, log, stats,
-                      bar).run()
+            pipeline = _Pipeline(predictor, raw, writer, grid, pending, normalise, out_dtype, writers, bar)
+            pipeline.run()
+            summary.voxels = pipeline.voxels
+            summary.extra["input_voxels_read"] = pipeline.reader.voxels_read
     finally:
         gc.unfreeze()
-        log.close()
+        writer.close()
         bar.close()
-    stats.seconds = time.perf_counter() - start
-    return stats
+    summary.blocks_computed = writer.written
+    summary.seconds = time.perf_counter() - start
+    return summary
 
 
-def buffer_bytes(shape, itemsize: int, block, margin: int, tile: int, writers: int, out_itemsize: int) -> int:
-    """Upper estimate of the host memory a predict job's buffers take, framework excluded.
-
-    A strip spans the slice width and one block row (plus the context margin
-    and a tile of rounding) and is held as raw rows; it goes to the device in
-    segments of at most SEGMENT_PX, held as READ_AHEAD + 1 float32 regions;
-    blocks (at most one shard each) are held as float32 buffers (one being
-    filled, a few spare) and as 2 x writers encoded copies. Memory never grows
-    with the number of slices or rows; with the width only through the raw
-    rows (one byte per voxel for 8-bit EM) once slices are wider than a segment.
-    """
-    height = block[1] + 2 * margin + tile
-    width = min(shape[2], max(SEGMENT_PX, block[2])) + 2 * margin + tile
-    region = block[0] * height * width * 4
-    rows = 2 * block[0] * height * shape[2] * itemsize
-    voxels = math.prod(block)
-    return (READ_AHEAD + 1) * region + rows + 4 * voxels * 4 + 2 * writers * voxels * out_itemsize
-
-
-def gather(out_path: str | os.PathLike, pyramid_levels: int = 2, provenance: dict | None = None) -> None:
-    """Check that every block of every job is done, then build the pyramid and mark complete."""
-    out_path = Path(out_path)
-    if not out_path.exists():
-        raise InputError(f"{out_path}: no prediction store; run the predict shards first.")
-    if io.is_complete(out_path):
-        return
-    signature = dict(zarr.open_group(str(out_path), mode="r").attrs.get("predict", {}))
-    if not signature:
-        raise InputError(f"{out_path}: not a prediction store of this pipeline (no 'predict' attributes).")
-    attrs = {**signature, **(provenance or {}), "content": "cell probability (high = cell)",
-             "package_version": __version__, "fingerprint": derive_fingerprint(signature)}
-    finish_store(out_path, pyramid_levels, signature["voxel_size"], "cell_probability", attrs,
-                 "rerun the missing shards")
-
-
-def parse_shard(text: str) -> tuple[int, int]:
-    try:
-        i, n = (int(v) for v in text.split("/"))
-    except ValueError as exc:
-        raise ConfigError(f"--shard must look like i/N (e.g. 0/4), got {text!r}") from exc
-    if not 0 <= i < n:
-        raise ConfigError(f"--shard {text}: i must lie in 0..N-1")
-    return i, n
-
-
-def write_summary(path: str | os.PathLike, stats: PredictStats) -> None:
-    io.atomic_write_text(path, json.dumps(stats.__dict__, indent=2, default=str))
+def finish_probabilities(store: PartialStore, records: dict) -> dict:
+    """The finished probability map's attributes: what it was computed from, and how to read its values."""
+    signature = store.signature
+    return {**signature, "content": "cell probability (high = cell)",
+            stores.PROBABILITY_SCALE_KEY: stores.probability_scale(signature["dtype"]),
+            "package_version": __version__, FINGERPRINT: derive_fingerprint(signature)}

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from unet_pipeline import io
+from unet_pipeline import stores
 
 KEY = "fingerprint"
 
@@ -51,7 +51,7 @@ def store_fingerprint(path: str | os.PathLike) -> str:
     The fallback covers OME-Zarr written by older versions: any rewrite of
     the data changes it, so it errs on the side of recomputing.
     """
-    recorded = io.store_attrs(path).get(KEY)
+    recorded = stores.store_attrs(path).get(KEY)
     if recorded:
         return str(recorded)
     path = Path(path)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from unet_pipeline import io
+from unet_pipeline import atomic, stores
 from unet_pipeline.errors import InputError
 
 
@@ -16,7 +16,7 @@ def save_figure(fig, path: str | os.PathLike, dpi: int = 90) -> None:
     """Write a figure as PNG atomically (temporary file + rename) and close it."""
     import matplotlib.pyplot as plt
 
-    with io.atomic_file(path) as tmp:
+    with atomic.atomic_file(path) as tmp:
         fig.savefig(tmp, dpi=dpi, format="png")
     plt.close(fig)
 
@@ -61,11 +61,10 @@ def plot_example(raw_path, prob_path, seg_path, z: int, out_png: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    raw = np.asarray(io.open_ome_image(raw_path)[z])
-    prob = np.asarray(io.open_ome_image(prob_path)[z]).astype(np.float32)
-    if prob.max() > 1.0:
-        prob /= 255.0
-    seg = np.asarray(io.open_ome_image(seg_path)[z])
+    raw = stores.open_image(raw_path)[z]
+    prob_image = stores.open_image(prob_path)
+    prob = stores.as_probability(prob_image[z], prob_image.attrs[stores.PROBABILITY_SCALE_KEY])
+    seg = stores.open_image(seg_path)[z]
     rng = np.random.default_rng(0)
     colours = rng.uniform(0.2, 1.0, size=(int(seg.max()) + 1, 3))
     colours[0] = 0
@@ -96,4 +95,4 @@ def write_report(out_md: str | os.PathLike, log_csv, metrics_json: dict[str, str
         lines.append(f"| {name} | {len(m['slices'])} | {m['pixel_error']:.4f} | {m['rand_error']:.4f} | "
                      f"{m['warping_error']:.6f} | {m['v_rand']:.4f} | {m['v_info']:.4f} |")
     lines.append("")
-    io.atomic_write_text(out_md, "\n".join(lines))
+    atomic.atomic_write_text(out_md, "\n".join(lines))

@@ -10,12 +10,26 @@ batch size, writer threads, compilation) are kept apart in
 reruns finished work.
 
 Each function returns the arguments as one shell-quoted string, as the
-stage's subcommand (`unet-pipeline <stage>`) takes them.
+stage's subcommand (`unet-pipeline <stage>`) takes them: a path with a
+space or a `;` is one argument, never shell syntax.
 """
 from __future__ import annotations
 
 import json
 import shlex
+import sys
+
+from unet_pipeline.config import has_slices, synthetic_path
+
+
+def command() -> str:
+    """How rules call the package: this interpreter's `-m unet_pipeline`, so no PATH lookup is needed.
+
+    Snakemake started as `.venv/bin/snakemake` with `.venv/bin` missing from
+    PATH (and SLURM jobs, which inherit that PATH) still run the package of
+    the environment Snakemake itself runs in.
+    """
+    return f"{shlex.quote(sys.executable)} -m unet_pipeline"
 
 
 def _join(*pairs) -> str:
@@ -36,30 +50,58 @@ def synth(config: dict, name: str) -> str:
                  ("--cell-diameter-px", spec["cell_diameter_px"]))
 
 
-def preprocess(config: dict) -> str:
-    """Storage layout and voxel size of the raw OME-Zarr."""
+def voxel_size(config: dict, dataset: str):
+    """The dataset's voxel size setting: its own, else the workflow's (`auto`: from the file)."""
+    own = config["datasets"][dataset].get("voxel_size_nm")
+    return own if own is not None else config["preprocess"]["voxel_size_nm"]
+
+
+def _voxel_size_key(config: dict, dataset: str) -> str:
+    own = config["datasets"][dataset].get("voxel_size_nm")
+    return f"datasets.{dataset}.voxel_size_nm" if own is not None else "preprocess.voxel_size_nm"
+
+
+def _layout(section: dict) -> tuple:
+    return ("--chunks", section["chunks"]), ("--chunks-per-file", section["chunks_per_file"])
+
+
+def preprocess(config: dict, dataset: str) -> str:
+    """Storage layout, voxel size and pyramid of the raw OME-Zarr."""
     pre = config["preprocess"]
-    return _join(("--chunks", pre["chunks"]), ("--chunks-per-file", pre["chunks_per_file"]),
-                 ("--voxel-size", pre["voxel_size_nm"]))
+    voxel = voxel_size(config, dataset)
+    return _join(*_layout(pre), ("--voxel-size", voxel), ("--voxel-size-key", _voxel_size_key(config, dataset)),
+                 ("--pyramid-levels", config["pyramid"]["levels"]))
 
 
 def preprocess_labels(config: dict, dataset: str) -> str:
-    return f"{preprocess(config)} {_join(('--label-format', config['datasets'][dataset]['label_format']))}"
+    return f"{preprocess(config, dataset)} {_join(('--label-format', config['datasets'][dataset]['label_format']))}"
+
+
+def source_identity(config: dict, path: str) -> str:
+    """What Snakemake compares to notice a replaced stack: a digest of its content, sampled.
+
+    Modification times miss a stack replaced by an older file (`cp -p`, a
+    restore). A synthetic stack is identified by its spec (it is generated
+    deterministically, and does not exist before the first run).
+    """
+    for name, spec in config.get("synthetic", {}).items():
+        if path in (synthetic_path(config, name, "raw"), synthetic_path(config, name, "labels")):
+            return "synthetic " + json.dumps(spec, sort_keys=True)
+    from unet_pipeline import sources
+
+    return sources.signature(path)
 
 
 def weights(config: dict, dataset: str) -> str:
     w = config["weights"]
     return _join(("--w0", w["w0"]), ("--sigma-px", w["sigma_px"]),
-                 ("--label-format", config["datasets"][dataset]["label_format"]))
+                 ("--label-format", config["datasets"][dataset]["label_format"]),
+                 ("--pyramid-levels", config["pyramid"]["levels"]))
 
 
 def training_datasets(config: dict) -> list[str]:
     """Datasets with training or validation slices (they need labels: the schema checks)."""
-    return [n for n, d in config["datasets"].items() if has_slices(d, "train") or has_slices(d, "validate")]
-
-
-def has_slices(dataset: dict, key: str) -> bool:
-    return dataset.get(key) not in (None, [], "none")
+    return [n for n, d in config["datasets"].items() if has_slices(d.get("train")) or has_slices(d.get("validate"))]
 
 
 def training_config(config: dict) -> dict:
@@ -86,12 +128,12 @@ def train(config: dict) -> str:
 
 
 def predict(config: dict) -> str:
-    """Everything that shapes the probability map (the store's layout, the tiles, TTA, numerics)."""
+    """Everything that shapes the probability map (the store's layout, the tiles, TTA, numerics, pyramid)."""
     pred = config["predict"]
     return _join(("--model", config["model"]), ("--run-config", training_config(config)),
-                 ("--tile-size", pred["tile_size"]), ("--chunks", pred["chunks"]),
-                 ("--chunks-per-file", pred["chunks_per_file"]), ("--dtype", pred["dtype"]),
-                 ("--tta", pred["tta"]), ("--device", pred["device"]), ("--precision", pred["precision"]))
+                 ("--tile-size", pred["tile_size"]), *_layout(pred), ("--dtype", pred["dtype"]),
+                 ("--tta", pred["tta"]), ("--device", pred["device"]), ("--precision", pred["precision"]),
+                 ("--pyramid-levels", config["pyramid"]["levels"]))
 
 
 def predict_speed(config: dict) -> dict:
@@ -101,15 +143,19 @@ def predict_speed(config: dict) -> dict:
             "predict_compile": int(bool(pred["compile"]))}
 
 
-def gather(config: dict) -> str:
-    return _join(("--pyramid-levels", config["predict"]["pyramid_levels"]))
-
-
 def segment(config: dict) -> str:
     seg = config["segment"]
-    return _join(("--threshold", seg["threshold"]), ("--connectivity", seg["connectivity"]))
+    return _join(("--threshold", seg["threshold"]), ("--connectivity", seg["connectivity"]),
+                 ("--pyramid-levels", config["pyramid"]["levels"]))
 
 
 def evaluate(config: dict, dataset: str) -> str:
     slices = config["datasets"][dataset]["test"]
-    return _join(("--slices", json.dumps(slices) if isinstance(slices, list) else slices))
+    return _join(("--slices", json.dumps(slices) if isinstance(slices, list) else slices),
+                 ("--processes", config["evaluate"]["processes"]))
+
+
+def store_settings(config: dict, dataset: str, store: str) -> str:
+    """The settings that shape a store, for its finishing job's params: a change reruns the store's jobs."""
+    return {"raw": lambda: preprocess(config, dataset), "labels": lambda: preprocess_labels(config, dataset),
+            "probabilities": lambda: predict(config), "segmentation": lambda: segment(config)}[store]()

@@ -1,76 +1,24 @@
-"""Overlap-tile geometry (paper, Fig. 2), kept in one place and tested alone.
+"""The overlap-tile strategy (paper, Fig. 2): which tiles the network runs on to cover a region exactly once.
 
-A `ChunkPlan` says, for one output chunk of a (slices, y, x) volume, which
-input region it reads (the chunk grown by the network's context margin, with
-mirror extrapolation where that reaches past the volume) and which tiles the
-network runs on inside it. With valid convolutions output tiles must have
-sizes the network accepts (4 + 16k for the paper's net) and must start on the pooling
-grid (multiples of 16) so that the result equals one whole-image pass
-exactly (`tile_axis`). Every output pixel is written exactly once; nothing is
-blended. Tiles at a chunk's edges may run past it, and those pixels are cropped.
+A `TilePlan` says, for one output region of a (slices, y, x) volume, which
+input region it reads (the region grown by the network's context margin,
+with mirror extrapolation where that reaches past the volume) and which
+tiles the network runs on inside it. With valid convolutions output tiles
+must have sizes the network accepts (4 + 16k for the paper's net) and must
+start on the pooling grid (multiples of 16) so that the result equals one
+whole-image pass exactly (`tile_axis`). Every output pixel is written
+exactly once; nothing is blended. Tiles at a region's edges may run past
+it, and those pixels are cropped. Torch-free: plain integer arithmetic on
+`geometry.Box`.
 """
 from __future__ import annotations
 
-import itertools
 import math
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 
-from unet_pipeline.model import UNetConfig
-
-
-@dataclass(frozen=True)
-class Box:
-    """Half-open box [start, stop) in voxel coordinates."""
-
-    start: tuple[int, ...]
-    stop: tuple[int, ...]
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(b - a for a, b in zip(self.start, self.stop))
-
-    @property
-    def slices(self) -> tuple[slice, ...]:
-        return tuple(slice(a, b) for a, b in zip(self.start, self.stop))
-
-    def grow(self, margin: tuple[int, ...]) -> "Box":
-        return Box(tuple(a - m for a, m in zip(self.start, margin)), tuple(b + m for b, m in zip(self.stop, margin)))
-
-    def relative_to(self, origin: tuple[int, ...]) -> "Box":
-        return Box(tuple(a - o for a, o in zip(self.start, origin)), tuple(b - o for b, o in zip(self.stop, origin)))
-
-
-@dataclass(frozen=True)
-class ChunkGrid:
-    """The regular grid of output chunks over a volume."""
-
-    shape: tuple[int, ...]
-    chunks: tuple[int, ...]
-
-    @property
-    def grid_shape(self) -> tuple[int, ...]:
-        return tuple(math.ceil(s / c) for s, c in zip(self.shape, self.chunks))
-
-    @property
-    def num_chunks(self) -> int:
-        return int(np.prod(self.grid_shape))
-
-    def box(self, index: tuple[int, ...]) -> Box:
-        start = tuple(i * c for i, c in zip(index, self.chunks))
-        stop = tuple(min(s + c, n) for s, c, n in zip(start, self.chunks, self.shape))
-        return Box(start, stop)
-
-    def indices(self) -> Iterator[tuple[int, ...]]:
-        return itertools.product(*(range(g) for g in self.grid_shape))
-
-    def shard(self, shard: int, num_shards: int) -> list[tuple[int, ...]]:
-        """Chunks of shard `shard` of `num_shards` (round robin, disjoint, covering)."""
-        if not 0 <= shard < num_shards:
-            raise ValueError(f"shard index {shard} is outside 0..{num_shards - 1}")
-        return [idx for n, idx in enumerate(self.indices()) if n % num_shards == shard]
+from unet_pipeline.geometry import Box, UNetConfig
 
 
 @dataclass(frozen=True)
@@ -89,53 +37,54 @@ class AxisTiling:
         return self.starts[-1] + self.size
 
 
-def tile_axis(begin: int, end: int, max_tile: int, cfg: UNetConfig) -> AxisTiling:
-    """Output tiles covering [begin, end) whose starts are multiples of the pooling period.
+def tile_axis(begin: int, end: int, tile_size: int, cfg: UNetConfig) -> AxisTiling:
+    """Output tiles no larger than `tile_size` covering [begin, end), starting on multiples of the pooling period.
 
     A U-Net with d poolings is translation-equivariant only for shifts that
     are multiples of 2**d: tiles that start on that grid give exactly the
     values of one whole-image pass. Valid output sizes are period * k +
     residue (4 + 16k for the paper's net), so neighbouring tiles overlap by
-    the residue (4 px, 1% of a 388 tile); each pixel is written once.
+    the residue (4 px, 1% of a 388 tile); each pixel is written once. Tiles
+    are balanced: a region is cut into equal tiles rather than full ones and a
+    sliver.
     """
     if end <= begin:
         raise ValueError("empty axis range")
-    cfg.check_output_size(max_tile)
+    cfg.check_output_size(tile_size)
     period = cfg.size_step
     residue = cfg.min_output_size % period
-    max_stride = (max_tile - residue) // period * period
+    max_stride = (tile_size - residue) // period * period
     if max_stride < period:
-        raise ValueError(f"tile size {max_tile} is too small; use at least {period + residue}")
+        raise ValueError(f"tile size {tile_size} is too small; use at least {period + residue}")
     first = begin // period * period
-    count = math.ceil((end - first - residue) / max_stride) if end - first > residue else 1
-    count = max(count, 1)
+    count = max(1, math.ceil((end - first - residue) / max_stride) if end - first > residue else 1)
     stride = math.ceil(max(end - first - residue, 1) / count / period) * period
     return AxisTiling(tuple(first + i * stride for i in range(count)), stride + residue)
 
 
 @dataclass(frozen=True)
 class Tile:
-    """One network call: `input` region and `output` region, in chunk-plan coordinates."""
+    """One network call: its `input` region and `output` region, relative to the plan's `read` origin."""
 
     input: Box
     output: Box
 
 
 @dataclass(frozen=True)
-class ChunkPlan:
-    """Read region, tiles and crop for one output chunk (2D network over slices)."""
+class TilePlan:
+    """Read region, tiles and crop for one output region (a 2D network applied to each slice)."""
 
-    chunk: Box          # output region in the volume
+    region: Box         # output region in the volume
     read: Box           # input region in the volume (may extend past it: mirror)
-    computed: Box       # output region the tiles cover (contains the chunk)
+    computed: Box       # output region the tiles cover (contains `region`)
     tiles: tuple[Tile, ...]
 
     @classmethod
-    def make(cls, chunk: Box, cfg: UNetConfig, max_tile: int) -> "ChunkPlan":
+    def make(cls, region: Box, cfg: UNetConfig, tile_size: int) -> "TilePlan":
         margin = cfg.context_margin
-        ys = tile_axis(chunk.start[1], chunk.stop[1], max_tile, cfg)
-        xs = tile_axis(chunk.start[2], chunk.stop[2], max_tile, cfg)
-        computed = Box((chunk.start[0], ys.begin, xs.begin), (chunk.stop[0], ys.end, xs.end))
+        ys = tile_axis(region.start[1], region.stop[1], tile_size, cfg)
+        xs = tile_axis(region.start[2], region.stop[2], tile_size, cfg)
+        computed = Box((region.start[0], ys.begin, xs.begin), (region.stop[0], ys.end, xs.end))
         read = computed.grow((0, margin, margin))
         tiles = []
         for y0 in ys.starts:
@@ -144,7 +93,7 @@ class ChunkPlan:
                                                               x0 - xs.begin + xs.size))
                 inp = Box(out.start, (out.stop[0], out.stop[1] + 2 * margin, out.stop[2] + 2 * margin))
                 tiles.append(Tile(inp, out))
-        return cls(chunk, read, computed, tuple(tiles))
+        return cls(region, read, computed, tuple(tiles))
 
 
 def mirror_indices(start: int, stop: int, size: int) -> np.ndarray:

@@ -32,16 +32,16 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from unet_pipeline import io
+from unet_pipeline import atomic, stores
 from unet_pipeline.augment import AugmentConfig, sample_tiles
 from unet_pipeline.checkpoint import load_checkpoint, save_checkpoint
-from unet_pipeline.config import defaults
+from unet_pipeline import schema
 from unet_pipeline.device import autocast, describe, resolve_device, resolve_dtype, tune_convolutions
 from unet_pipeline.errors import ConfigError, InputError
 from unet_pipeline.metrics import aggregate, slice_statistics
 from unet_pipeline.model import UNet, UNetConfig
 from unet_pipeline.inference import Predictor
-from unet_pipeline.preprocess import Normaliser
+from unet_pipeline.normalise import Normaliser
 from unet_pipeline.provenance import ContentHash, derive_fingerprint
 
 log = logging.getLogger(__name__)
@@ -49,25 +49,25 @@ log = logging.getLogger(__name__)
 LOG_FIELDS = ["step", "loss", "lr", "seconds", "val_loss", "val_pixel_error", "val_rand_error"]
 
 
-_DEFAULTS = defaults("train")  # the config schema holds every default
-
 
 @dataclass(frozen=True)
 class TrainConfig:
-    steps: int = _DEFAULTS["steps"]
-    tile_size: int = _DEFAULTS["tile_size"]          # output tile side; the input is tile + 2 * context margin
-    batch_size: int = _DEFAULTS["batch_size"]
-    optimizer: str = _DEFAULTS["optimizer"]
-    learning_rate: float = _DEFAULTS["learning_rate"]  # for SGD with momentum 0.99 on the mean-per-pixel loss
-    momentum: float = _DEFAULTS["momentum"]
-    weight_decay: float = _DEFAULTS["weight_decay"]
-    lr_schedule: str = _DEFAULTS["lr_schedule"]      # constant | cosine | step
-    validate_every: int = _DEFAULTS["validate_every"]
-    checkpoint_every: int = _DEFAULTS["checkpoint_every"]
-    log_every: int = _DEFAULTS["log_every"]          # steps between loss reads: each one waits for the device
-    seed: int = _DEFAULTS["seed"]
-    device: str = _DEFAULTS["device"]
-    precision: str = _DEFAULTS["precision"]
+    """The train section of the config as the training loop uses it (defaults: the config schema's)."""
+
+    steps: int = schema.field("train.steps")
+    tile_size: int = schema.field("train.tile_size")          # output tile side; the input is tile + 2 * context margin
+    batch_size: int = schema.field("train.batch_size")
+    optimizer: str = schema.field("train.optimizer")
+    learning_rate: float = schema.field("train.learning_rate")  # for SGD with momentum 0.99 on the mean-per-pixel loss
+    momentum: float = schema.field("train.momentum")
+    weight_decay: float = schema.field("train.weight_decay")
+    lr_schedule: str = schema.field("train.lr_schedule")      # constant | cosine | step
+    validate_every: int = schema.field("train.validate_every")
+    checkpoint_every: int = schema.field("train.checkpoint_every")
+    log_every: int = schema.field("train.log_every")          # steps between loss reads: each one waits for the device
+    seed: int = schema.field("train.seed")
+    device: str = schema.field("train.device")
+    precision: str = schema.field("train.precision")
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def __post_init__(self):
@@ -112,10 +112,10 @@ class SliceSet:
 
 
 def load_slices(raw_path, labels_path, weights_path, slices: list[int]) -> SliceSet:
-    raw = io.open_ome_image(raw_path)
-    normalise = Normaliser.from_attrs(io.store_attrs(raw_path), str(raw_path))
-    labels = io.open_ome_image(labels_path)
-    weights = io.open_zarr_array(weights_path)
+    raw = stores.open_image(raw_path)
+    normalise = Normaliser.from_attrs(raw.attrs, str(raw_path))
+    labels = stores.open_image(labels_path)
+    weights = stores.open_image(weights_path)
     bad = [z for z in slices if not 0 <= z < raw.shape[0]]
     if bad:
         raise ConfigError(f"slices {bad} are outside {raw_path} (it has {raw.shape[0]} slices)")
@@ -150,7 +150,7 @@ def _make_optimizer(model: torch.nn.Module, cfg: TrainConfig):
 def validate(model: UNet, data: SliceSet, device, dtype, tile_size: int) -> dict:
     """Full overlap-tile inference on the validation slices; loss, pixel and Rand error."""
     was_training = model.training
-    predictor = Predictor(model, device, dtype, max_tile=tile_size)
+    predictor = Predictor(model, device, tile_size, dtype)
     prob = predictor.predict_image(data.images)
     model.train(was_training)
     p = np.clip(prob.astype(np.float64), 1e-7, 1 - 1e-7)
@@ -177,7 +177,7 @@ def _set_rng_state(state: dict, gen: torch.Generator) -> None:
 
 
 def _write_log(path: Path, rows: list[dict]) -> None:
-    with io.atomic_file(path) as tmp, open(tmp, "w", newline="") as fh:
+    with atomic.atomic_file(path) as tmp, open(tmp, "w", newline="") as fh:
         writer = csv.DictWriter(fh, LOG_FIELDS)
         writer.writeheader()
         writer.writerows(rows)
@@ -352,7 +352,7 @@ def _finish(out_dir: Path, fingerprint: str, validated: bool, checkpoint) -> Non
         checkpoint(best_path)
     chosen = load_checkpoint(best_path)
     row = next((r for r in chosen["log"] if r["step"] == chosen["step"]), {})
-    with io.atomic_file(model_path) as tmp:  # the run's product appears only when it is finished
+    with atomic.atomic_file(model_path) as tmp:  # the run's product appears only when it is finished
         shutil.copyfile(best_path, tmp)
     if validated:
         log.info("%s: the checkpoint of step %d, best validation Rand error %.4f (pixel error %s)", model_path,

@@ -21,6 +21,7 @@ farther than D the term is set to 0, an error below `tolerance`.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
@@ -142,30 +143,62 @@ def weight_map_reference(labels: np.ndarray, w0: float = 10.0, sigma_px: float =
     return (np.where(cell, w_cell, w_membrane) + np.where(cell, 0.0, border)).astype(np.float32)
 
 
-def write_weights(labels_path, out_path, w0: float = 10.0, sigma_px: float = 5.0, label_format: str = "binary",
-                  chunk_px: int = 2048) -> None:
-    """The weights stage: a float32 OME-Zarr of weight maps for every label slice.
+def write_weights(labels_path, out_path, *, w0: float, sigma_px: float, label_format: str, pyramid_levels,
+                  threads: int = 1, chunk_px: int = 2048) -> Path:
+    """The weights stage: a float32 OME-Zarr of weight maps for every label slice, in one job.
 
-    Slices larger than `chunk_px` on a side are computed chunk by chunk with
-    a halo (identical result), bounding the distance-transform memory.
+    Weights exist only for labelled (training) stacks, so one job computes
+    them, a layer of blocks at a time (memory: one slice of labels and
+    weights). Slices larger than `chunk_px` on a side are computed chunk by
+    chunk with a halo (identical result), bounding the distance-transform
+    memory. Written through the same store machinery as the block-wise
+    stages: a killed job resumes with its unfinished blocks.
     """
-    from unet_pipeline import io, provenance
+    from unet_pipeline import stores
+    from unet_pipeline.blockwise import PartialStore, run_part
+    from unet_pipeline.finish import finish_store
+    from unet_pipeline.geometry import Box, Part
+    from unet_pipeline.provenance import KEY, store_fingerprint
+    from unet_pipeline.pyramid import image_builder
 
-    labels = io.open_ome_image(labels_path)
+    labels = stores.open_image(labels_path)
     settings = {"w0": w0, "sigma_px": sigma_px, "class_balance": "w_c = N / (2 N_c) per slice", "tolerance": 1e-6,
                 "label_format": label_format}
-    attrs = {"source": str(labels_path), **settings,
-             provenance.KEY: provenance.derive_fingerprint("weights", provenance.store_fingerprint(labels_path),
-                                                           settings)}
-    with io.atomic_directory(out_path) as tmp:
-        per_file = io.chunks_per_shard(labels)
-        out = io.create_ome_image(tmp, labels.shape, np.float32, labels.chunks, io.voxel_size(labels_path),
-                                  name="weights", chunks_per_file=per_file)
-        for z in range(labels.shape[0]):
-            plane = np.asarray(labels[z])
+    signature = {"kind": "weights", "labels": str(Path(labels_path).resolve()),
+                 "labels_fingerprint": store_fingerprint(labels_path), **settings, "shape": list(labels.shape),
+                 "chunks": list(labels.chunks), "chunks_per_file": list(stores.chunks_per_file(labels.array)),
+                 "pyramid_levels": pyramid_levels}
+    store = PartialStore.open(out_path, signature, image_builder(
+        labels.shape, np.float32, labels.chunks, stores.chunks_per_file(labels.array), stores.compressor(),
+        stores.voxel_size(labels_path), pyramid_levels, kind="weights", name="weights", averaged=True))
+    grid = stores.block_grid(store.array("0", "r"))
+    layers = {}
+    for index in grid.indices():
+        layers.setdefault(index[0], []).append(index)
+
+    def read(layer):  # one layer of blocks: whole slices, as the class balance is per slice
+        region = Box.around([grid.box(i) for i in layer])
+        planes = labels.read(region)
+        maps = []
+        for plane in planes:
             if max(plane.shape) > chunk_px:
                 inst = instances_from_binary(plane) if label_format == "binary" else plane.astype(np.int64)
-                out[z] = weight_map_chunked(inst, (chunk_px, chunk_px), w0, sigma_px)
+                maps.append(weight_map_chunked(inst, (chunk_px, chunk_px), w0, sigma_px))
             else:
-                out[z] = weight_map(plane, w0, sigma_px, label_format)
-        io.mark_complete(tmp, attrs)
+                maps.append(weight_map(plane, w0, sigma_px, label_format))
+        return region, np.stack(maps)
+
+    def compute(index, layer_input):
+        region, maps = layer_input
+        return np.ascontiguousarray(maps[grid.box(index).relative_to(region.start).slices]), {}
+
+    run_part(store, "0", grid, [tuple(v) for _, v in sorted(layers.items())], Part(0, 1), "weights", read,
+             compute, threads)
+    return finish_store(store, 1, threads)
+
+
+def finish_weights(store, records: dict) -> dict:
+    from unet_pipeline.provenance import KEY, derive_fingerprint
+
+    signature = store.signature
+    return {**{k: v for k, v in signature.items() if k != "kind"}, KEY: derive_fingerprint("weights", signature)}

@@ -1,25 +1,41 @@
-# Input functions and values derived from the validated config.
+# Values derived from the validated config, the plan of every dataset's jobs, and input functions.
 import json
 import math
 import os
+import shlex
 
 from unet_pipeline import stages
+from unet_pipeline.config import has_slices
+from unet_pipeline.errors import ConfigError
+from unet_pipeline.resources import Planner, dataset_plan
 
 R = config["results_dir"]
 DATASETS = config["datasets"]
-
+UNET = stages.command()  # this interpreter's `-m unet_pipeline`: no PATH lookup
 
 LABELLED = [n for n, d in DATASETS.items() if "labels" in d]
 TRAINING = stages.training_datasets(config)
 PREDICTED = [n for n, d in DATASETS.items() if d.get("predict", True)]
-EVALUATED = [n for n in PREDICTED if n in LABELLED and stages.has_slices(DATASETS[n], "test")]
-SHARDS = config["predict"]["shards"]
+EVALUATED = [n for n in PREDICTED if n in LABELLED and has_slices(DATASETS[n].get("test"))]
+BLOCKWISE_STORES = ("raw", "labels", "probabilities", "segmentation")
+
+CLUSTER = config["cluster"]
+GPU_JOB_CPUS = CLUSTER["gpu_job_cpus"]
+CPU_JOB_CPUS = CLUSTER["cpu_job_cpus"]
+
+# Parts, memory and walltime of every job, from each stack's shape (read from its header).
+try:
+    PLANS = {name: dataset_plan(config, name, SHAPES[name], name in PREDICTED) for name in DATASETS}
+except ConfigError as exc:
+    sys.exit(f"unet-pipeline: cannot plan the jobs: {exc}")
 
 
 wildcard_constraints:
     dataset=r"[A-Za-z0-9_.-]+",
     name=r"[A-Za-z0-9_.-]+",
-    shard=r"\d+",
+    store="|".join(BLOCKWISE_STORES),
+    part=r"\d+",
+    level=r"\d+",
 
 
 def logged(command):
@@ -28,7 +44,7 @@ def logged(command):
     Stages write one sentence for a user error (CLI exit status 2): without
     this, a user would see only Snakemake's "non-zero exit status" block.
     """
-    return f"{command} > {{log}} 2>&1 || {{{{ status=$?; tail -n 5 {{log}} >&2; exit $status; }}}}"
+    return f"{command} > {{log:q}} 2>&1 || {{{{ status=$?; tail -n 5 {{log:q}} >&2; exit $status; }}}}"
 
 
 def raw_source(wildcards):
@@ -39,18 +55,17 @@ def labels_source(wildcards):
     return DATASETS[wildcards.dataset]["labels"]
 
 
+def store_path(dataset, store):
+    return f"{R}/{dataset}/{store}.ome.zarr"
+
+
 def report_example():
-    name = config["report"].get("dataset") or (EVALUATED or PREDICTED)[0]
-    return name
+    return config["report"].get("dataset") or (EVALUATED or PREDICTED)[0]
 
 
 def gpu_count():
-    """GPUs a GPU job asks for: train may use several (data parallel), predict shards one."""
+    """GPUs a GPU job asks for: train may use several (data parallel), predict parts one."""
     return max(1, int(config["train"].get("gpus", 1)))
-
-
-CLUSTER = config["cluster"]
-GPU_JOB_CPUS = CLUSTER["gpu_job_cpus"]
 
 
 def cluster_resources(gpu: bool) -> dict:
@@ -78,47 +93,46 @@ def train_runtime_min():
     return 10 + math.ceil(1.5 * steps / CLUSTER["train_steps_per_s"] / 60)
 
 
-DRY_RUN_RUNTIME_MIN = 60  # the profiles' default runtime
+# --------------------------------------------------------------------------- block-wise stores
+def store_plan(wildcards):
+    return getattr(PLANS[wildcards.dataset], wildcards.store)
 
 
-def predict_runtime_min(wildcards, input):
-    """Walltime of one shard: its share of the volume at the configured throughput, 50% margin."""
-    import zarr
-
-    from unet_pipeline.inference import tta_transforms
-
-    if not os.path.exists(input.raw):
-        # Snakemake evaluates resources when a job is ready to run, after its input
-        # exists; only a dry run (-n) asks earlier, and it just prints the number.
-        return DRY_RUN_RUNTIME_MIN
-    shape = zarr.open_group(str(input.raw), mode="r")["0"].shape
-    voxels = math.prod(shape) / SHARDS
-    passes = len(tta_transforms(config["predict"]["tta"]))
-    return 10 + math.ceil(1.5 * voxels * passes / (CLUSTER["predict_mvoxel_per_s"] * 1e6) / 60)
+def markers(dataset, store, step, count):
+    """The summaries a step's jobs write (temporary: they mark that the jobs ran)."""
+    return [f"{R}/{dataset}/.parts/{store}/{step}-{i}.json" for i in range(count)]
 
 
-def predict_mem_mb(wildcards, input):
-    """Host memory of a predict job: its buffers (`predict.buffer_bytes`) with a 50% margin, plus 2 GB
-    for the framework (torch and the CUDA libraries; about 250 MB measured on a CPU).
+def write_markers(dataset, store):
+    """Level 0's jobs: the parts of the stage that writes the store."""
+    plan = getattr(PLANS[dataset], store)
+    return markers(dataset, store, "write", plan.write.parts)
 
-    A callable resource: evaluated when a job is ready to run, once the raw
-    image exists (its width and block size set the buffers); a dry run before
-    that assumes one 4096^2 slice of uint8.
-    """
-    import zarr
 
-    from unet_pipeline.io import shard_shape
-    from unet_pipeline.model import UNetConfig
-    from unet_pipeline.predict import buffer_bytes
+def level_markers(dataset, store, level):
+    """Jobs of pyramid level `level` (level 0: the stage's own parts)."""
+    plan = getattr(PLANS[dataset], store)
+    if level == 0:
+        return write_markers(dataset, store)
+    return markers(dataset, store, f"level{level}", plan.pyramid_parts[level - 1])
 
-    pred = config["predict"]
-    shape, itemsize = (1, 4096, 4096), 1
-    if os.path.exists(input.raw):
-        level0 = zarr.open_group(str(input.raw), mode="r")["0"]
-        shape, itemsize = level0.shape, level0.dtype.itemsize
-    chunks = [min(c, s) for c, s in zip(pred["chunks"], shape)]
-    block = shard_shape(shape, chunks, pred["chunks_per_file"]) or chunks
-    out_itemsize = {"uint8": 1, "float16": 2, "float32": 4}[pred["dtype"]]
-    margin = UNetConfig(**config["model"]).context_margin
-    need = buffer_bytes(shape, itemsize, block, margin, pred["tile_size"], pred["writers"], out_itemsize)
-    return 2000 + math.ceil(1.5 * need / 1e6)
+
+def job(wildcards, what: str):
+    """The requests (threads, mem_mb, runtime) of one job kind of a dataset's plan."""
+    return PLANS[wildcards.dataset].job(what)
+
+
+def finish_upstream(wildcards):
+    """The real files a store derives from: newer ones rerun it (its parts' summaries are temporary)."""
+    d = wildcards.dataset
+    return {
+        "raw": [DATASETS[d]["raw"]],
+        "labels": [DATASETS[d]["raw"], DATASETS[d].get("labels", "")],
+        "probabilities": [store_path(d, "raw"), f"{R}/model/model.pt"],
+        "segmentation": [store_path(d, "probabilities")],
+    }[wildcards.store]
+
+
+def finish_markers(wildcards):
+    plan = store_plan(wildcards)
+    return level_markers(wildcards.dataset, wildcards.store, len(plan.pyramid_parts))

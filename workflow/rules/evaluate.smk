@@ -1,7 +1,7 @@
 rule evaluate:
     """ISBI 2012 metrics on the dataset's test slices."""
     input:
-        done=f"{R}/{{dataset}}/probabilities.done",
+        prob=f"{R}/{{dataset}}/probabilities.ome.zarr",
         labels=f"{R}/{{dataset}}/labels.ome.zarr",
     output:
         json=f"{R}/{{dataset}}/metrics/metrics.json",
@@ -10,19 +10,18 @@ rule evaluate:
         plot=f"{R}/{{dataset}}/metrics/curves.png",
     params:
         args=lambda w: stages.evaluate(config, w.dataset),
-        prob=lambda w, input: input.done.replace(".done", ".ome.zarr"),
     log:
         f"{R}/logs/evaluate/{{dataset}}.log",
     benchmark:
         f"{R}/benchmarks/evaluate/{{dataset}}.tsv"
-    threads: config["evaluate"]["workers"]
+    threads: config["evaluate"]["processes"]
     resources:
         mem_mb=4000,
         runtime=60,
         **cluster_resources(gpu=False),
     shell:
         logged(
-            "unet-pipeline evaluate --prob {params.prob} --labels {input.labels} {params.args}"
-            " --out-json {output.json} --out-slices {output.slices} --out-curves {output.curves}"
-            " --out-plot {output.plot} --workers {threads}"
+            f"{UNET} evaluate --prob {{input.prob:q}} --labels {{input.labels:q}} {{params.args}}"
+            " --out-json {output.json:q} --out-slices {output.slices:q} --out-curves {output.curves:q}"
+            " --out-plot {output.plot:q}"
         )

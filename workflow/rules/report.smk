@@ -7,7 +7,7 @@ rule report:
     output:
         report=f"{R}/report/report.md",
     params:
-        metrics=" ".join(f"{n}={R}/{n}/metrics/metrics.json" for n in EVALUATED),
+        metrics=shlex.join(f"{n}={R}/{n}/metrics/metrics.json" for n in EVALUATED),
         example=json.dumps({
             "dataset": report_example(),
             "raw": f"{R}/{report_example()}/raw.ome.zarr",
@@ -26,6 +26,6 @@ rule report:
         **cluster_resources(gpu=False),
     shell:
         logged(
-            "unet-pipeline report --out {output.report} --log {input.log_csv} --metrics {params.metrics}"
+            f"{UNET} report --out {{output.report:q}} --log {{input.log_csv:q}} --metrics {{params.metrics}}"
             " --example {params.example:q}"
         )

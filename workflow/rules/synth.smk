@@ -15,4 +15,4 @@ rule synth:
         runtime=10,
         **cluster_resources(gpu=False),
     shell:
-        logged("unet-pipeline synth --out-raw {output.raw} --out-labels {output.labels} {params.args}")
+        logged(f"{UNET} synth --out-raw {{output.raw:q}} --out-labels {{output.labels:q}} {{params.args}}")

@@ -21,4 +21,6 @@ rule train:
         gpu=gpu_count(),
         **cluster_resources(gpu=True),
     shell:
-        logged("unet-pipeline train {params.args} --out {params.out} --resume --threads {threads} --no-progress")
+        logged(
+            f"{UNET} train {{params.args}} --out {{params.out:q}} --resume --threads {{threads}} --no-progress"
+        )

@@ -1,5 +1,5 @@
 rule weights:
-    """The paper's per-pixel weight maps (class balance + border term)."""
+    """The paper's per-pixel weight maps (class balance + border term), for labelled training stacks."""
     input:
         labels=f"{R}/{{dataset}}/labels.ome.zarr",
     output:
@@ -12,8 +12,10 @@ rule weights:
         f"{R}/benchmarks/weights/{{dataset}}.tsv"
     threads: 1
     resources:
-        mem_mb=4000,
-        runtime=60,
+        mem_mb=lambda w: PLANS[w.dataset].weights.mem_mb,
+        runtime=lambda w: PLANS[w.dataset].weights.runtime,
         **cluster_resources(gpu=False),
     shell:
-        logged("unet-pipeline weights --labels {input.labels} --out {output.weights} {params.args}")
+        logged(
+            f"{UNET} weights --labels {{input.labels:q}} --out {{output.weights:q}} {{params.args}} --threads {{threads}}"
+        )
