@@ -47,7 +47,7 @@ def test_evaluate_scores_a_tiff_proposal_against_the_conformance_vector(tmp_path
     assert r.returncode == 0, r.stderr
     got = json.loads(out.read_text())
     # 1 - (1 - p) in float64 is within an ulp of p, so allow float32-level rounding at thresholds
-    assert abs(got["pixel_error"] - expected["pixel_error"]) < 1e-3
+    assert abs(got["probability_map"]["pixel_error"] - expected["pixel_error"]) < 1e-3
     assert len((tmp_path / "s.csv").read_text().splitlines()) == 4
     assert (tmp_path / "c.png").stat().st_size > 0
 
@@ -76,7 +76,8 @@ def _bad_cases(tmp_path):
          "m.pt: checkpoint not found"),
         (["finish", "--from", str(tmp_path / "no-summary.json")], "no-summary.json: not a part summary"),
         (["pyramid", "--from", str(tmp_path / "no-summary.json"), "--level", "1"], "no-summary.json: not a part"),
-        (["segment", "--prob", missing, "--out", out], "missing.ome.zarr: OME-Zarr not found"),
+        (["segment", "--prob", missing, "--out", out, "--method", "threshold", "--threshold", "0.5"],
+         "missing.ome.zarr: OME-Zarr not found"),
         (["evaluate", "--prob", str(tmp_path / "nan.tif"), *evaluate], "nan.tif (slice 0): proposal contains NaN"),
         (["evaluate", "--prob", str(tmp_path / "two.tif"), *evaluate], r"two.tif (slice 0): proposal values must lie"),
         (["report", "--out", f"{out}.md", "--log", str(tmp_path / "empty.csv")],
@@ -105,3 +106,30 @@ def test_bad_numbers_on_the_command_line_are_one_sentence_and_exit_2(tmp_path):
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 2 and len(lines) == 1, (extra, r.stderr)
         assert lines[0].startswith(f"unet-pipeline predict: error: argument {named}: expected"), lines
+
+
+def test_evaluate_keeps_the_map_and_the_written_segmentation_apart(tmp_path):
+    import json
+
+    import numpy as np
+    import tifffile
+
+    truth = np.zeros((2, 40, 60), np.uint8)
+    truth[:, 5:35, 5:29] = 255
+    truth[:, 5:35, 31:55] = 255
+    prob = np.where(truth > 0, 0.9, 0.1).astype(np.float32)
+    prob[:, 18:22, 29:31] = 0.7  # a gap: merged above 0.5, apart above 0.8
+    labels = np.zeros(truth.shape, np.uint32)
+    labels[truth > 0] = 1
+    labels[:, 18:22, 29:31] = 1  # a segmentation that merged the two cells through the gap
+    for name, data in (("gt.tif", truth), ("prob.tif", prob), ("seg.tif", labels)):
+        tifffile.imwrite(tmp_path / name, data, photometric="minisblack")
+    out = tmp_path / "m.json"
+    r = _run("evaluate", "--prob", str(tmp_path / "prob.tif"), "--segmentation", str(tmp_path / "seg.tif"),
+             "--labels", str(tmp_path / "gt.tif"), "--out-json", str(out), "--out-slices", str(tmp_path / "s.csv"),
+             "--out-curves", str(tmp_path / "c.csv"))
+    assert r.returncode == 0, r.stderr
+    m = json.loads(out.read_text())
+    assert m["probability_map"]["rand_error"] < 1e-9 and m["probability_map"]["best_thresholds"]["rand_error"] >= 0.7
+    assert m["segmentation"]["rand_error"] > 0.1  # the merge the best threshold hides is scored
+    assert (tmp_path / "s.csv").read_text().count("segmentation") == 2

@@ -121,3 +121,29 @@ def test_slices_aggregate_by_summing_counts():
     whole = M.evaluate_isbi(gt, prop)
     parts = M.aggregate([M.slice_statistics(gt[z], prop[z].astype(np.float64)) for z in range(2)])
     assert whole.summary() == parts.summary()
+
+
+def test_two_touching_cells_are_scored_as_two_not_merged():
+    from unet_pipeline.metrics import cells_of_labels, evaluate_isbi
+
+    truth = np.zeros((1, 20, 30), np.uint8)
+    truth[0, 2:18, 2:14] = 255
+    truth[0, 2:18, 16:28] = 255  # two cells, a 2 px membrane between them
+    labels = np.zeros((1, 20, 30), np.uint32)
+    labels[0, 2:18, 2:15] = 1
+    labels[0, 2:18, 15:28] = 2  # the same two cells, touching (no membrane drawn)
+    as_labels = evaluate_isbi(truth, labels, kind="instances", which=("rand",))
+    binarised = evaluate_isbi(truth, labels, kind="binary", which=("rand",))
+    assert as_labels.rand_error < 0.01 < binarised.rand_error  # binarised, the two become one
+    cells = cells_of_labels(labels[0])
+    assert cells[2:18, 14:16].sum() == 16  # one pixel of membrane per row where they meet, not two
+
+
+def test_each_metric_reports_the_threshold_of_its_best_value(conformance):
+    from unet_pipeline.metrics import evaluate_isbi
+
+    gt, prop, _ = conformance
+    result = evaluate_isbi(gt, prop, which=("pixel", "rand"))
+    for name in ("pixel_error", "rand_error"):
+        th = result.best_thresholds[name]
+        assert dict(result.curves[name])[th] == getattr(result, name)

@@ -8,7 +8,8 @@ from unet_pipeline import stores
 from unet_pipeline.blockwise import PartialStore
 from unet_pipeline.finish import finish_store
 from unet_pipeline.geometry import BlockGrid, Level, Part
-from unet_pipeline.segment import join, label_part, relabel_part, segment, structure
+from unet_pipeline.labelling import SegmentationSettings, label_image, structure
+from unet_pipeline.segment import join, label_part, relabel_part, segment
 
 
 def _probability_store(path, prob, chunks, chunks_per_file, voxel_size=(50.0, 4.0, 4.0)):
@@ -17,7 +18,7 @@ def _probability_store(path, prob, chunks, chunks_per_file, voxel_size=(50.0, 4.
     stores.create_array(group, "0", prob.shape, "f4", chunks, chunks_per_file)
     with stores.default_codec_pipeline():  # writes every shard, empty ones too, as the pipeline's writer does
         zarr.open_array(str(path / "0"), mode="r+")[...] = prob
-    stores.write_ngff(group, [Level(prob.shape, (1, 1, 1))], voxel_size, "cell_probability", True)
+    stores.write_ngff(group, [Level(prob.shape, (1, 1, 1))], voxel_size, "cell_probability")
     stores.mark_complete(path, {"probability_scale": 1.0, "fingerprint": "test"})
     return path
 
@@ -28,12 +29,13 @@ def _smooth_probabilities(shape, seed=0):
     return (prob - prob.min()) / (prob.max() - prob.min())
 
 
-def _in_parts(prob_path, out, parts, connectivity="2d", threshold=0.5):
+def _in_parts(prob_path, out, parts, connectivity="2d", threshold=0.5, settings=None):
     """The workflow's jobs: label parts, one join, relabel parts, finish."""
-    settings = dict(threshold=threshold, connectivity=connectivity, pyramid_levels="auto", threads=2)
-    labelled = [label_part(prob_path, out, Part(i, parts), **settings) for i in range(parts)]
+    settings = settings or SegmentationSettings("threshold", threshold, connectivity)
+    labelled = [label_part(prob_path, out, Part(i, parts), settings=settings, pyramid_levels="auto", threads=2)
+                for i in range(parts)]
     store = PartialStore(out, labelled[0].signature)
-    join(store, connectivity)
+    join(store, settings)
     for i in range(parts):
         relabel_part(store, Part(i, parts), 2)
     finish_store(store, 1, 2)
@@ -88,12 +90,15 @@ def test_segment_writes_an_ome_zarr_label_image_with_the_voxel_size(tmp_path):
     prob[:, 5:15, 5:15] = 0.9
     prob[:, 20:30, 20:38] = 0.8
     path = _probability_store(tmp_path / "p.ome.zarr", prob, (1, 16, 16), (1, 2, 2), voxel_size=(30.0, 6.0, 6.0))
-    assert segment(path, tmp_path / "s.ome.zarr", threshold=0.5, connectivity="2d", pyramid_levels="auto") == 4
-    group = zarr.open_group(str(tmp_path / "s.ome.zarr"), mode="r")
-    assert "image-label" in group.attrs["ome"] and stores.is_complete(tmp_path / "s.ome.zarr")
-    assert stores.voxel_size(tmp_path / "s.ome.zarr") == (30.0, 6.0, 6.0)
-    levels = group.attrs["ome"]["multiscales"][0]["datasets"]
-    assert len(levels) == 3 and all(len(d["coordinateTransformations"]) == 1 for d in levels)  # strided: no shift
+    out = tmp_path / "results" / "ds" / "s.ome.zarr"
+    assert segment(path, out, settings=SegmentationSettings("threshold", 0.5, "2d"), pyramid_levels="auto") == 4
+    group = zarr.open_group(str(out), mode="r")
+    assert "image-label" in group.attrs["ome"] and stores.is_complete(out)
+    assert stores.voxel_size(out) == (30.0, 6.0, 6.0)
+    # napari-ome-zarr opens the group two levels up (NGFF's image/labels/<name>) and would create it: it exists
+    assert zarr.open_group(str(tmp_path / "results"), mode="r").attrs["unet_pipeline"].startswith("results")
+    levels = group.attrs["ome"]["multiscales"][0]["datasets"]  # mode-downsampled labels, centred like level 0
+    assert len(levels) == 3 and levels[2]["coordinateTransformations"][1]["translation"] == [0.0, 9.0, 9.0]
     assert not any(name.startswith("_") for name in group.array_keys())  # the scratch array is gone
 
 
@@ -107,5 +112,89 @@ def test_a_damaged_probability_file_is_one_sentence_and_leaves_no_output(tmp_pat
     from unet_pipeline.errors import InputError
 
     with pytest.raises(InputError, match=r"0/c/1/1/0: this file of .*p.ome.zarr is damaged"):
-        segment(path, tmp_path / "s.ome.zarr", threshold=0.5, connectivity="2d", pyramid_levels="auto")
+        segment(path, tmp_path / "s.ome.zarr", settings=SegmentationSettings("threshold", 0.5, "2d"),
+                pyramid_levels="auto")
     assert not (tmp_path / "s.ome.zarr").exists()
+
+
+@pytest.mark.parametrize("step", ["label", "relabel"])
+def test_a_killed_segment_part_resumes_without_redoing_finished_blocks(tmp_path, step):
+    import json
+    import subprocess
+    import sys
+
+    from tests.conftest import kill_after_blocks
+
+    prob = _smooth_probabilities((6, 64, 64), seed=3)
+    path = _probability_store(tmp_path / "p.ome.zarr", prob, (1, 16, 16), (1, 1, 1))
+    out = tmp_path / "s.ome.zarr"
+    base = [sys.executable, "-m", "unet_pipeline", "segment", "--prob", str(path), "--out", str(out), "--threads", "1",
+            "--method", "threshold", "--threshold", "0.5"]
+
+    earlier = 96 if step == "relabel" else 0  # the label step's records, already in the store
+
+    def run(which, *extra, kill=False):
+        args = base + ["--step", which, *extra, "--summary", str(tmp_path / f"{which}.json")]
+        return kill_after_blocks(args, tmp_path / ".s.ome.zarr.partial-*", earlier + 20) if kill else \
+            subprocess.run(args, check=True)
+
+    if step == "relabel":
+        run("label", "--part", "0/1")
+        run("join")
+    before = run(step, "--part", "0/1", kill=True) - earlier
+    assert 20 <= before < 96
+    run(step, "--part", "0/1")
+    summary = json.loads((tmp_path / f"{step}.json").read_text())
+    assert summary["blocks_skipped"] == before and summary["blocks_computed"] == 96 - before
+    if step == "label":
+        run("join")
+        run("relabel", "--part", "0/1")
+    subprocess.run([sys.executable, "-m", "unet_pipeline", "finish", "--from", str(tmp_path / "relabel.json")],
+                   check=True)
+    ref, n = ndimage.label(prob > 0.5, structure("2d"))
+    got = stores.open_image(out)[...]
+    assert got.max() == n and len(np.unique(np.stack([ref.ravel(), got.ravel()], 1), axis=0)) == n + 1
+
+
+def _same_cells(a: np.ndarray, b: np.ndarray) -> bool:
+    """The same partition into cells and the same membrane pixels, whatever the numbering."""
+    pairs = np.unique(np.stack([a.ravel(), b.ravel()], 1), axis=0)
+    return np.array_equal(a == 0, b == 0) and len(pairs) == len(np.unique(a)) == len(np.unique(b))
+
+
+@pytest.mark.parametrize("parts", [1, 3])
+def test_block_wise_watershed_equals_the_whole_volume_watershed(tmp_path, parts):
+    # Cells larger than the first halo reach across several blocks: the halo must grow until each
+    # region is whole, and the join must recognise a cell in every block it crosses.
+    rng = np.random.default_rng(7)
+    prob = ndimage.gaussian_filter(rng.random((3, 200, 260)), (0, 6, 6))
+    prob = ((prob - prob.min()) / (prob.max() - prob.min())).astype(np.float32)
+    settings = SegmentationSettings("watershed", 0.45, "2d", 0.6, 10)
+    whole = label_image(prob, settings)
+    assert whole.max() > 30
+    path = _probability_store(tmp_path / "p.ome.zarr", prob, (1, 16, 16), (1, 2, 2))  # blocks of 32^2
+    got = _in_parts(path, tmp_path / f"s{parts}.ome.zarr", parts, settings=settings)
+    assert _same_cells(got, whole)
+    threshold = label_image(prob, SegmentationSettings("threshold", 0.45, "2d"))
+    assert got.max() > threshold.max()  # the seeds split cells the threshold merged
+
+
+def test_watershed_keeps_two_cells_apart_where_a_gap_in_the_membrane_merges_them():
+    prob = np.full((1, 40, 60), 0.05, np.float32)
+    prob[0, 5:35, 5:28] = 0.95   # cell A
+    prob[0, 5:35, 32:55] = 0.95  # cell B
+    prob[0, 5:35, 28:32] = 0.1   # membrane between them...
+    prob[0, 18:22, 28:32] = 0.6  # ...with a gap
+    assert label_image(prob, SegmentationSettings("threshold", 0.5, "2d")).max() == 1
+    cells = label_image(prob, SegmentationSettings("watershed", 0.5, "2d", 0.9, 20))
+    assert cells.max() == 2 and cells[0, 20, 10] != cells[0, 20, 50]
+    assert (cells[0, 18:22, 28:32] == 0).any()  # a line of membrane where they meet
+
+
+def test_watershed_needs_2d_and_sensible_seeds():
+    from unet_pipeline.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="within slices"):
+        SegmentationSettings("watershed", 0.5, "3d", 0.8, 10)
+    with pytest.raises(ConfigError, match="seed_threshold must lie in"):
+        SegmentationSettings("watershed", 0.5, "2d", 0.3, 10)

@@ -1,7 +1,9 @@
 """The evaluate stage: ISBI 2012 metrics of a prediction on a dataset's test slices.
 
-Writes a JSON summary, a per-slice CSV (each metric on each slice alone), the
-per-threshold curves (CSV) and a plot of each score against the threshold.
+Writes a JSON summary that keeps apart the probability map's scores (the
+challenge's protocol: each metric at its best threshold, named) and the
+written segmentation's (as it is, at its own settings), a per-slice CSV of
+both, the probability map's per-threshold curves (CSV) and a plot of them.
 Slices are scored in parallel worker processes that each read one slice, so
 memory is bounded by a few slices; the stack scores are then aggregated from
 the per-slice counts as each metric defines it (metrics.aggregate).
@@ -67,16 +69,35 @@ def _csv(rows: list[list]) -> str:
     return buf.getvalue()
 
 
+def _score(jobs: list, processes: int) -> list:
+    if processes > 1 and len(jobs) > 1:
+        with ProcessPoolExecutor(max_workers=processes) as pool:
+            return list(pool.map(_slice_stats, jobs))
+    return [_slice_stats(job) for job in jobs]
+
+
+def _segmentation_settings(path) -> dict:
+    """How a segmentation store of this package was made (method and parameters), for the record."""
+    attrs = stores.store_attrs(path)
+    keys = ("method", "threshold", "seed_threshold", "min_seed_px", "connectivity", "cells")
+    return {k: attrs[k] for k in keys if k in attrs}
+
+
 def evaluate(prob_path: str | os.PathLike, labels_path: str | os.PathLike, slices: list[int],
              out_json: str | os.PathLike, out_slices_csv: str | os.PathLike, out_curves_csv: str | os.PathLike,
-             out_plot: str | os.PathLike | None = None, workers: int = 2, membrane_probability: bool = False,
-             kind: str = "probability") -> dict:
+             out_plot: str | os.PathLike | None = None, processes: int = 2, membrane_probability: bool = False,
+             kind: str = "probability", segmentation: str | os.PathLike | None = None) -> dict:
     """Score `slices` and write the outputs; returns the summary dict.
 
-    `prob_path` may be this package's probability OME-Zarr or any stack
-    (TIFF, folder of TIFFs, Zarr) of another method: float cell probability
-    in [0, 1], uint8 0-255, `membrane_probability` to flip a membrane map,
-    or `kind` "binary" / "instances" for hard segmentations.
+    Two things are scored and kept apart. `probability_map`: the ISBI 2012
+    protocol for a probability map, each metric at its own best threshold,
+    which is reported beside it. `segmentation` (when given): the label image
+    as written, at the settings it was made with, labels scored as labels
+    (the boundary between two touching cells is membrane). `prob_path` may
+    be this package's probability OME-Zarr or any stack (TIFF, folder of
+    TIFFs, Zarr) of another method: float cell probability in [0, 1], uint8
+    0-255, `membrane_probability` to flip a membrane map, or `kind` "binary"
+    / "instances" for hard segmentations.
     """
     prob = open_stack(prob_path)
     labels = open_stack(labels_path)
@@ -87,29 +108,38 @@ def evaluate(prob_path: str | os.PathLike, labels_path: str | os.PathLike, slice
     bad = [z for z in slices if not 0 <= z < prob.shape[0]]
     if bad:
         raise ConfigError(f"test slices {bad} are outside {prob_path} ({prob.shape[0]} slices)")
-    jobs = [(str(prob_path), str(labels_path), z, membrane_probability, kind) for z in slices]
-    if workers > 1 and len(jobs) > 1:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            per_slice = list(pool.map(_slice_stats, jobs))
-    else:
-        per_slice = [_slice_stats(job) for job in jobs]
+    per_slice = _score([(str(prob_path), str(labels_path), z, membrane_probability, kind) for z in slices],
+                       processes)
     result = aggregate([stats for _, stats in per_slice])
-    summary = {**result.summary(), "slices": list(slices), "prediction": str(prob_path), "labels": str(labels_path)}
+    summary = {"slices": list(slices), "labels": str(labels_path),
+               "probability_map": {**result.summary(), "best_thresholds": result.best_thresholds,
+                                   "scored": "ISBI 2012 protocol: each metric at its own best threshold",
+                                   "path": str(prob_path)}}
+    rows = [["slice", "scored", *METRIC_NAMES]]
+    rows += [[z, "probability map", *aggregate([stats]).summary().values()] for z, stats in per_slice]
+    if segmentation is not None:
+        if open_stack(segmentation).shape != labels.shape:
+            raise InputError(f"{segmentation}: shape does not match labels {labels_path} {labels.shape}.")
+        seg_slices = _score([(str(segmentation), str(labels_path), z, False, "instances") for z in slices],
+                            processes)
+        seg = aggregate([stats for _, stats in seg_slices])
+        summary["segmentation"] = {**seg.summary(), "scored": "as written, labels as labels",
+                                   "settings": _segmentation_settings(segmentation), "path": str(segmentation)}
+        rows += [[z, "segmentation", *aggregate([stats]).summary().values()] for z, stats in seg_slices]
     atomic.atomic_write_text(out_json, json.dumps(summary, indent=2))
-    rows = [["slice", *METRIC_NAMES]]
-    rows += [[z, *aggregate([stats]).summary().values()] for z, stats in per_slice]
     atomic.atomic_write_text(out_slices_csv, _csv(rows))
     names = list(result.curves)
-    rows = [["threshold", *names]]
+    curve_rows = [["threshold", *names]]
     for k, th in enumerate(thresholds()):
-        rows.append([th, *(result.curves[m][k][1] if k < len(result.curves[m]) else "" for m in names)])
-    atomic.atomic_write_text(out_curves_csv, _csv(rows))
+        curve_rows.append([th, *(result.curves[m][k][1] if k < len(result.curves[m]) else "" for m in names)])
+    atomic.atomic_write_text(out_curves_csv, _csv(curve_rows))
     if out_plot:
         plot_curves(result.curves, out_plot)
     return summary
 
 
 def plot_curves(curves: dict, out_plot: str | os.PathLike) -> None:
+    """Each score of the probability map against the threshold, as a PNG."""
     import matplotlib
 
     from unet_pipeline.report import save_figure

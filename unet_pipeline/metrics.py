@@ -53,8 +53,10 @@ def as_cell_probability(
         p = p[None]
     if p.ndim != 3:
         raise InputError(f"proposal must be 2D or 3D (slices, y, x), got shape {p.shape}")
-    if kind in ("binary", "instances"):
+    if kind == "binary":
         p = (p != 0).astype(np.float64)
+    elif kind == "instances":
+        p = cells_of_labels(p)
     elif kind != "probability":
         raise ConfigError(f"proposal kind must be probability, binary or instances, got {kind!r}")
     elif p.dtype == np.uint8:
@@ -71,6 +73,30 @@ def as_cell_probability(
     else:
         raise InputError(f"proposal dtype {p.dtype} is not supported; use float in [0, 1] or uint8 0-255")
     return 1.0 - p if membrane_probability else p
+
+
+def cells_of_labels(labels: np.ndarray) -> np.ndarray:
+    """A label image (0 = membrane, each other value one cell) as a cell map scored as the labels it holds.
+
+    Two different labels that touch are two cells: the pixels of the higher
+    label that 4-touch a lower non-zero label are drawn as membrane (one
+    pixel wide, as ISBI submissions drew boundaries), so the cells stay
+    4-separated when the metrics take connected components. Binarising the
+    labels instead (non-zero = cell) would merge every pair of touching cells.
+    Works on (y, x) or (slices, y, x); slices stay independent.
+    """
+    labels = np.asarray(labels)
+    if labels.ndim == 2:
+        return cells_of_labels(labels[None])[0]
+    boundary = np.zeros(labels.shape, bool)
+    for axis in (1, 2):
+        a = np.swapaxes(labels, 0, axis)
+        lo, hi = a[:-1], a[1:]  # pairs of 4-neighbours along `axis`
+        differ = (lo != hi) & (lo > 0) & (hi > 0)
+        mark = np.swapaxes(boundary, 0, axis)
+        mark[1:] |= differ & (hi > lo)
+        mark[:-1] |= differ & (lo > hi)
+    return ((labels > 0) & ~boundary).astype(np.float64)
 
 
 def as_ground_truth(labels: np.ndarray, shape: tuple[int, ...] | None = None) -> np.ndarray:
@@ -538,8 +564,10 @@ class MetricResult:
     v_rand: float
     v_info: float
     curves: dict
+    best_thresholds: dict = None  # metric -> the threshold its best value came from (ISBI: each its own)
 
     def summary(self) -> dict:
+        """The five ISBI scores and the plain warping residual, by name."""
         return {
             "pixel_error": self.pixel_error,
             "rand_error": self.rand_error,
@@ -573,17 +601,24 @@ def aggregate(stats: list[SliceStatistics]) -> MetricResult:
         "v_info": [(th, float(v_info[k])) for k, th in enumerate(ths)],
     }
 
-    def best(name, pick):
-        values = [v for _, v in curves[name] if not math.isnan(v)]
-        return float(pick(values)) if values else float("nan")
-
     # f_score of NaN counts is NaN-like garbage: blank out metrics not computed.
     for name, arr in (("pixel_error", px), ("rand_error", rc)):
         if np.isnan(arr).any():
             curves[name] = [(th, float("nan")) for th in ths]
+    chosen = {}
+
+    def best(name, pick):
+        values = [(v, th) for th, v in curves[name] if not math.isnan(v)]
+        if not values:
+            return float("nan")
+        value = pick(v for v, _ in values)
+        chosen[name] = next(th for v, th in values if v == value)  # the first threshold reaching it
+        return float(value)
+
     residual = float(np.mean([s.residual_at_0_5 / s.pixels for s in stats]))
-    return MetricResult(best("pixel_error", min), best("rand_error", min), best("warping_error", min),
-                        residual, best("v_rand", max), best("v_info", max), curves)
+    scores = [best("pixel_error", min), best("rand_error", min), best("warping_error", min), residual,
+              best("v_rand", max), best("v_info", max)]
+    return MetricResult(*scores, curves, chosen)
 
 
 def _slice_statistics_args(args) -> SliceStatistics:

@@ -22,6 +22,7 @@ def save_figure(fig, path: str | os.PathLike, dpi: int = 90) -> None:
 
 
 def plot_training(log_csv: Path, out_png: Path) -> None:
+    """The loss and the validation scores against the step, as a PNG beside the model."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -55,26 +56,65 @@ def plot_training(log_csv: Path, out_png: Path) -> None:
     save_figure(fig, out_png)
 
 
-def plot_example(raw_path, prob_path, seg_path, z: int, out_png: Path) -> None:
+def _colour(labels: np.ndarray) -> np.ndarray:
+    rng = np.random.default_rng(0)
+    colours = rng.uniform(0.2, 1.0, size=(int(labels.max()) + 1, 3))
+    colours[0] = 0
+    return colours[labels]
+
+
+def plot_example(example: dict, out_png: Path) -> list[str]:
+    """One slice: raw, probability, and the threshold and watershed segmentations side by side.
+
+    Both methods use the settings chosen on the validation slices (the
+    model's segmentation.json); with labels, each panel's title gives its
+    Rand and pixel error on this slice. Returns the Markdown lines about it.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    raw = stores.open_image(raw_path)[z]
-    prob_image = stores.open_image(prob_path)
+    from unet_pipeline import calibrate
+    from unet_pipeline.labelling import label_image
+
+    z = example["slice"]
+    raw = stores.open_image(example["raw"])[z]
+    prob_image = stores.open_image(example["prob"])
     prob = stores.as_probability(prob_image[z], prob_image.attrs[stores.PROBABILITY_SCALE_KEY])
-    seg = stores.open_image(seg_path)[z]
-    rng = np.random.default_rng(0)
-    colours = rng.uniform(0.2, 1.0, size=(int(seg.max()) + 1, 3))
-    colours[0] = 0
-    fig, ax = plt.subplots(1, 3, figsize=(12, 4.2))
-    for a, img, title in zip(ax, (raw, prob, colours[seg]), ("raw", "cell probability", "segmentation")):
+    written = stores.store_attrs(example["seg"])
+    record = calibrate.read_record(example["calibration"]) if example.get("calibration") else None
+    truth = stores.open_image(example["labels"])[z] if example.get("labels") else None
+    panels = [(raw, "raw"), (prob, "cell probability")]
+    lines = []
+    for method in ("threshold", "watershed"):
+        learned = (record or {}).get("methods", {}).get(method)
+        if learned is None and written.get("method") != method:
+            continue
+        settings = learned or written
+        chosen = calibrate.resolve(method, settings["threshold"], written.get("connectivity", "2d"),
+                                   settings.get("seed_threshold"), settings.get("min_seed_px"), None)
+        labels = label_image(prob[None].astype(np.float64), chosen)[0]
+        title = method + (" (written)" if written.get("method") == method else "")
+        if truth is not None:
+            rand, pixel = calibrate.score(labels[None], truth[None])
+            title += f"\nRand {rand:.3f}, pixel {pixel:.3f}"
+            lines.append(f"- {chosen.describe()}: Rand error {rand:.4f}, pixel error {pixel:.4f} on this slice")
+        panels.append((_colour(labels), title))
+    fig, ax = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4.4))
+    for a, (img, title) in zip(ax, panels):
         a.imshow(img, cmap="gray" if img.ndim == 2 else None)
-        a.set_title(f"{title} (slice {z})")
+        a.set_title(title, fontsize=9)
         a.axis("off")
+    fig.suptitle(f"{example['dataset']}, slice {z}", fontsize=10)
     fig.tight_layout()
     save_figure(fig, out_png)
+    return lines
+
+
+def _row(name: str, scored: str, m: dict, slices: int) -> str:
+    return (f"| {name} | {scored} | {slices} | {m['pixel_error']:.4f} | {m['rand_error']:.4f} | "
+            f"{m['warping_error']:.6f} | {m['v_rand']:.4f} | {m['v_info']:.4f} |")
 
 
 def write_report(out_md: str | os.PathLike, log_csv, metrics_json: dict[str, str], example: dict | None) -> None:
@@ -84,15 +124,28 @@ def write_report(out_md: str | os.PathLike, log_csv, metrics_json: dict[str, str
     lines = ["# unet-pipeline report", ""]
     plot_training(Path(log_csv), out_md.with_name("training.png"))
     lines += ["## Training", "", "![training curves](training.png)", ""]
-    if example:
-        plot_example(example["raw"], example["prob"], example["seg"], example["slice"], out_md.with_name("example.png"))
-        lines += [f"## Example: {example['dataset']}", "", "![raw, probability, segmentation](example.png)", ""]
-    lines += ["## Metrics (ISBI 2012 definitions; lower is better except V_rand and V_info)", "",
-              "| dataset | slices | pixel error | Rand error | warping error | V_rand | V_info |",
-              "|---|---|---|---|---|---|---|"]
+    lines += ["## Metrics", "", "ISBI 2012 definitions; lower is better except V_rand and V_info. The probability "
+              "map is scored as the challenge scored maps, each metric at its own best threshold (given below the "
+              "table); the segmentation is scored as written, at the settings it was made with.", "",
+              "| dataset | scored | slices | pixel error | Rand error | warping error | V_rand | V_info |",
+              "|---|---|---|---|---|---|---|---|"]
+    notes = []
     for name, path in metrics_json.items():
         m = json.loads(Path(path).read_text())
-        lines.append(f"| {name} | {len(m['slices'])} | {m['pixel_error']:.4f} | {m['rand_error']:.4f} | "
-                     f"{m['warping_error']:.6f} | {m['v_rand']:.4f} | {m['v_info']:.4f} |")
-    lines.append("")
+        n = len(m["slices"])
+        lines.append(_row(name, "probability map, best threshold per metric", m["probability_map"], n))
+        if "segmentation" in m:
+            settings = m["segmentation"].get("settings", {})
+            lines.append(_row(name, f"segmentation as written ({settings.get('method', '?')})", m["segmentation"], n))
+        best = m["probability_map"].get("best_thresholds", {})
+        notes.append(f"- {name}: best thresholds of the probability map: " +
+                     ", ".join(f"{k} {v:.1f}" for k, v in best.items()))
+        if "segmentation" in m:
+            notes.append(f"- {name}: segmentation settings: " +
+                         ", ".join(f"{k} {v}" for k, v in m["segmentation"].get("settings", {}).items()))
+    lines += ["", *notes, ""]
+    if example:
+        example_lines = plot_example(example, out_md.with_name("example.png"))
+        lines += [f"## Segmentation methods on {example['dataset']}, slice {example['slice']}", "",
+                  "![raw, probability, threshold and watershed segmentations](example.png)", "", *example_lines, ""]
     atomic.atomic_write_text(out_md, "\n".join(lines))

@@ -2,44 +2,45 @@
 
 Three steps, each a set of workflow jobs:
 
-1. **label** (parts): each block is labelled on its own (threshold, then
-   connected components with scipy.ndimage.label), its local ids are written
-   to a scratch array of the store, and its faces (the local ids on each
-   side of the block) are saved beside it;
+1. **label** (parts): each block is labelled (`labelling.label_block`:
+   threshold and connected components, or the seeded watershed with a halo),
+   its local ids are written to a scratch array of the store, and what the
+   join needs is saved beside it: the block's faces (the local ids on each
+   side of the block) for the threshold method, the keys of the cells on
+   its border for the watershed;
 2. **join** (one small job): provisional ids are the blocks' local ids plus
-   an offset in grid order; labels that touch across a block face are the
-   same cell, joined by a union-find (scipy's connected components) over the
-   face pairs only. It records which provisional ids merge into a lower one:
-   its memory grows with the labels on block surfaces, not with the voxels;
+   an offset in grid order; labels that touch across a block face (threshold)
+   or carry the same key (watershed) are the same cell, joined by a
+   union-find (scipy's connected components) over those pairs only. It
+   records which provisional ids merge into a lower one: its memory grows
+   with the labels on block surfaces, not with the voxels;
 3. **relabel** (parts): each block's final ids: a provisional id's component
    root (its smallest provisional id) minus the number of merged ids below
    it, i.e. consecutive ids in order of first appearance over blocks in grid
    order, the same for any number of parts.
 
 Connectivity '2d' (default, ISBI convention: 4-connected within a slice,
-slices independent) or '3d' (6-connected). The result equals
-`scipy.ndimage.label` of the whole volume up to the numbering (tested), and
-the numbering does not depend on how the work was split.
+slices independent) or '3d' (6-connected; threshold only). The result
+equals the whole-volume labelling (`labelling.label_image`) up to the
+numbering (tested), and the numbering does not depend on how the work was
+split.
 """
 from __future__ import annotations
 
-import json
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
-from scipy import ndimage
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from unet_pipeline import atomic, stores
 from unet_pipeline.blockwise import PartialStore, PartSummary, run_part
-from unet_pipeline.errors import ConfigError, InputError
-from unet_pipeline.geometry import Box, Part
+from unet_pipeline.errors import InputError
+from unet_pipeline.geometry import Part
+from unet_pipeline.labelling import SegmentationSettings, label_block, structure
 from unet_pipeline.provenance import KEY as FINGERPRINT, derive_fingerprint, store_fingerprint
 from unet_pipeline.pyramid import image_builder
-from unet_pipeline.schema import choices
 
 log = logging.getLogger(__name__)
 
@@ -48,44 +49,26 @@ JOIN_FILE = "join.npz"
 LAYOUT_VERSION = 2
 
 
-def structure(connectivity: str) -> np.ndarray:
-    """Face connectivity: 4-connected within a slice ('2d') or 6-connected ('3d')."""
-    if connectivity == "2d":
-        s = np.zeros((3, 3, 3), bool)
-        s[1] = ndimage.generate_binary_structure(2, 1)
-        return s
-    if connectivity == "3d":
-        return ndimage.generate_binary_structure(3, 1)
-    raise ConfigError(f"segment.connectivity must be one of {choices('segment.connectivity')}, got {connectivity!r}")
-
-
 def joined_axes(connectivity: str) -> tuple[int, ...]:
     """Axes along which labels can continue into the next block."""
     return (1, 2) if connectivity == "2d" else (0, 1, 2)
 
 
 def segmentation_signature(prob_path, shape, settings: dict, pyramid_levels) -> dict:
+    """Everything that shapes a segmentation: the probability map's fingerprint and the method's settings."""
     return {"kind": "segmentation", "probabilities": str(Path(prob_path).resolve()),
             "probabilities_fingerprint": store_fingerprint(prob_path), "shape": list(shape), **settings,
             "pyramid_levels": pyramid_levels, "layout": LAYOUT_VERSION}
 
 
-def _settings(threshold: float, connectivity: str) -> dict:
-    if not 0.0 <= threshold <= 1.0:
-        raise ConfigError(f"segment.threshold must lie in [0, 1], got {threshold}")
-    structure(connectivity)
-    return {"method": "threshold", "threshold": float(threshold), "connectivity": connectivity}
-
-
-def open_store(prob_path, out_path, threshold: float, connectivity: str, pyramid_levels) -> tuple:
+def open_store(prob_path, out_path, settings: SegmentationSettings, pyramid_levels) -> tuple:
     """The segmentation's partial store (created by the first job to start) and the probability image."""
     prob = stores.open_image(prob_path)
-    settings = _settings(threshold, connectivity)
-    signature = segmentation_signature(prob_path, prob.shape, settings, pyramid_levels)
+    signature = segmentation_signature(prob_path, prob.shape, settings.to_dict(), pyramid_levels)
     per_file = stores.chunks_per_file(prob.array)
     build_image = image_builder(prob.shape, np.uint32, prob.chunks, per_file, stores.compressor(),
                                 stores.voxel_size(prob_path), pyramid_levels, kind="segmentation",
-                                name="segmentation", averaged=False, label_source="../raw.ome.zarr")
+                                name="segmentation", downsampling="mode", label_source="../raw.ome.zarr")
 
     def build(group):
         build_image(group)
@@ -108,38 +91,39 @@ def _faces_file(store: PartialStore, index) -> Path:
     return store.work_dir / "faces" / (".".join(map(str, index)) + ".npz")
 
 
-def label_part(prob_path, out_path, part: Part, *, threshold: float, connectivity: str, pyramid_levels,
+def border_keys(labels: np.ndarray, keys: np.ndarray) -> dict[str, np.ndarray]:
+    """The local ids on a block's y/x border and their cells' keys: the only ones another block can share."""
+    border = np.unique(np.concatenate([a.ravel() for a in faces(labels, (1, 2)).values()]))
+    border = border[border > 0]
+    return {"border": border.astype(np.int64), "keys": keys[border]}
+
+
+def label_part(prob_path, out_path, part: Part, *, settings: SegmentationSettings, pyramid_levels,
                threads: int) -> PartSummary:
-    """Step 1: label this job's blocks independently; local ids into the scratch array, faces beside it."""
-    store, prob = open_store(prob_path, out_path, threshold, connectivity, pyramid_levels)
+    """Step 1: label this job's blocks; local ids into the scratch array, what the join needs beside it."""
+    store, prob = open_store(prob_path, out_path, settings, pyramid_levels)
     scale = prob.attrs[stores.PROBABILITY_SCALE_KEY]
     grid = stores.block_grid(store.array(LOCAL, "r"))
-    struct, axes = structure(connectivity), joined_axes(connectivity)
+    axes = joined_axes(settings.connectivity)
     (store.work_dir / "faces").mkdir(parents=True, exist_ok=True)
 
+    def read(box):
+        return stores.as_probability(prob.read(box), scale)
+
     def compute(index, _):
-        box = grid.box(index)
-        foreground = stores.as_probability(prob.read(box), scale) > threshold
-        labels, count = ndimage.label(foreground, struct)
-        labels = labels.astype(np.uint32)
+        labels, keys = label_block(read, grid.box(index), prob.shape, settings)
+        saved = faces(labels, axes) if keys is None else border_keys(labels, keys)
         with atomic.atomic_file(_faces_file(store, index), durable=True) as tmp:
             with open(tmp, "wb") as fh:
-                np.savez_compressed(fh, **faces(labels, axes))
-        return labels, {"count": int(count)}
+                np.savez_compressed(fh, **saved)
+        return labels, {"count": int(labels.max()) if labels.size else 0}
 
     return run_part(store, LOCAL, grid, grid.strips(), part, "label", lambda strip: None, compute, threads)
 
 
 # --------------------------------------------------------------------------- step 2: join
-def join(store: PartialStore, connectivity: str) -> dict:
-    """Step 2: which provisional ids are one cell; written to the store's work folder. Returns a summary."""
-    records = store.require_complete(LOCAL, "rerun the segment label jobs")
-    grid = stores.block_grid(store.array(LOCAL, "r"))
-    order = list(grid.indices())
-    counts = np.array([records[i]["count"] for i in order], np.int64)
-    offsets = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    offset_of = dict(zip(order, offsets.tolist()))
-    total = int(counts.sum())
+def _face_pairs(store: PartialStore, grid, order, offset_of, connectivity: str) -> list[np.ndarray]:
+    """Threshold method: provisional ids that touch across a block face are one cell."""
     pairs = []
     for index in order:
         with np.load(_faces_file(store, index)) as mine:
@@ -153,6 +137,38 @@ def join(store: PartialStore, connectivity: str) -> dict:
                 if touch.any():
                     pairs.append(np.unique(np.stack([a[touch] + offset_of[index], b[touch] + offset_of[neighbour]],
                                                     axis=1), axis=0))
+    return pairs
+
+
+def _key_pairs(store: PartialStore, order, offset_of) -> list[np.ndarray]:
+    """Watershed: provisional ids whose cells carry the same key (the same seed) are one cell."""
+    ids, keys = [], []
+    for index in order:
+        with np.load(_faces_file(store, index)) as saved:
+            ids.append(saved["border"] + offset_of[index])
+            keys.append(saved["keys"])
+    if not ids:
+        return []
+    ids, keys = np.concatenate(ids), np.concatenate(keys)
+    order_by_key = np.argsort(keys, kind="stable")
+    ids, keys = ids[order_by_key], keys[order_by_key]
+    same = keys[1:] == keys[:-1]  # consecutive ids of one key: a chain joins them all
+    return [np.stack([ids[:-1][same], ids[1:][same]], axis=1)] if same.any() else []
+
+
+def join(store: PartialStore, settings: SegmentationSettings) -> dict:
+    """Step 2: which provisional ids are one cell; written to the store's work folder. Returns a summary."""
+    records = store.require_complete(LOCAL, "rerun the segment label jobs")
+    grid = stores.block_grid(store.array(LOCAL, "r"))
+    order = list(grid.indices())
+    counts = np.array([records[i]["count"] for i in order], np.int64)
+    offsets = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    offset_of = dict(zip(order, offsets.tolist()))
+    total = int(counts.sum())
+    if settings.method == "watershed":
+        pairs = _key_pairs(store, order, offset_of)
+    else:
+        pairs = _face_pairs(store, grid, order, offset_of, settings.connectivity)
     if pairs:
         edges = np.unique(np.concatenate(pairs), axis=0)
         border = np.unique(edges)  # provisional ids on a joined face: the only ones that can merge
@@ -170,8 +186,8 @@ def join(store: PartialStore, connectivity: str) -> dict:
             np.savez(fh, border=border, border_root=border_root, eliminated=eliminated, offsets=offsets,
                      total=np.int64(total))
     cells = total - len(eliminated)
-    log.info("%s: %d provisional labels in %d blocks, %d joined across block faces: %d cells", store.final,
-             total, len(order), len(eliminated), cells)
+    log.info("%s: %d provisional labels in %d blocks, %d joined across block borders: %d cells (%s)",
+             store.final, total, len(order), len(eliminated), cells, settings.describe())
     return {"provisional": total, "cells": cells, "joined": int(len(eliminated))}
 
 
@@ -221,14 +237,14 @@ def finish_segmentation(store: PartialStore, records: dict) -> dict:
 
 
 # --------------------------------------------------------------------------- in one process
-def segment(prob_path, out_path, *, threshold: float, connectivity: str, pyramid_levels, threads: int = 2) -> int:
+def segment(prob_path, out_path, *, settings: SegmentationSettings, pyramid_levels, threads: int = 2) -> int:
     """All three steps and the finishing one in this process; returns the number of cells."""
     from unet_pipeline.finish import finish_store
 
-    done = label_part(prob_path, out_path, Part(0, 1), threshold=threshold, connectivity=connectivity,
-                      pyramid_levels=pyramid_levels, threads=threads)
+    done = label_part(prob_path, out_path, Part(0, 1), settings=settings, pyramid_levels=pyramid_levels,
+                      threads=threads)
     store = PartialStore(Path(out_path), done.signature)
-    join(store, connectivity)
+    join(store, settings)
     relabel_part(store, Part(0, 1), threads)
     finish_store(store, 1, threads)
     return int(stores.store_attrs(out_path)["cells"])

@@ -80,11 +80,13 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> "TrainConfig":
+        """The train section of a config (its `augment` entry as an AugmentConfig)."""
         values = dict(values)
         values["augment"] = AugmentConfig(**values.get("augment", {}))
         return cls(**values)
 
     def to_dict(self) -> dict:
+        """Plain data, for checkpoints and fingerprints."""
         return asdict(self)
 
 
@@ -105,6 +107,7 @@ class SliceSet:
 
     @classmethod
     def concatenate(cls, parts: list["SliceSet"]) -> "SliceSet":
+        """Slices of several datasets as one set (they must share a slice size)."""
         shapes = {p.images.shape[1:] for p in parts}
         if len(shapes) > 1:
             raise InputError(f"training slices differ in size {sorted(shapes)}; use datasets of one slice size.")
@@ -112,6 +115,7 @@ class SliceSet:
 
 
 def load_slices(raw_path, labels_path, weights_path, slices: list[int]) -> SliceSet:
+    """Slices of a dataset's stores in memory: normalised images, class labels (1 = cell), weight maps."""
     raw = stores.open_image(raw_path)
     normalise = Normaliser.from_attrs(raw.attrs, str(raw_path))
     labels = stores.open_image(labels_path)
@@ -198,7 +202,9 @@ def train(
 
     out_dir receives `last.pt` (for resuming), `best.pt` (best by validation
     Rand error so far), and when the run is finished `model.pt` (the best, or
-    the last without a validation set) and `training_log.csv`.
+    the last without a validation set), `segmentation.json` (the segmentation
+    settings chosen on the validation slices, `calibrate`) and
+    `training_log.csv`.
     `max_steps_now` stops after that many steps of this call (to fit a job's
     time limit); a later call with `resume=True` continues exactly.
 
@@ -249,7 +255,7 @@ def train(
         log_rows = list(state["log"])
         log.info("%s: resuming at step %d of %d", last_path, step, cfg.steps)
     elif rank == 0:
-        for stale in (best_path, model_path, log_path):  # another run's results must not outlive it
+        for stale in (best_path, model_path, log_path, out_dir / SEGMENTATION_RECORD):  # not another run's results
             stale.unlink(missing_ok=True)
     net = torch.nn.parallel.DistributedDataParallel(model) if distributed else model
 
@@ -337,8 +343,27 @@ def train(
             checkpoint(last_path)  # stopped early (max_steps_now): resumable from here
         else:
             _finish(out_dir, fingerprint, val_data is not None, checkpoint)
+            _choose_segmentation(out_dir, model_cfg, val_data, device, dtype, cfg.tile_size)
         _write_log(log_path, log_rows)
     return model_path
+
+
+SEGMENTATION_RECORD = "segmentation.json"
+
+
+def _choose_segmentation(out_dir: Path, model_cfg: UNetConfig, val_data: SliceSet | None, device, dtype,
+                         tile_size: int) -> None:
+    """Choose the segmentation settings on the validation slices with the published model (`calibrate`)."""
+    from unet_pipeline import calibrate
+
+    record_path = out_dir / SEGMENTATION_RECORD
+    if val_data is None:
+        calibrate.write_record(record_path, calibrate.default_record("2d"))
+        return
+    model = UNet(model_cfg).to(device).to(memory_format=torch.channels_last)
+    model.load_state_dict(load_checkpoint(out_dir / "model.pt")["model"])
+    prob = Predictor(model, device, tile_size, dtype).predict_image(val_data.images)
+    calibrate.write_record(record_path, calibrate.calibrate(prob.astype(np.float64), val_data.labels, "2d"))
 
 
 def _finish(out_dir: Path, fingerprint: str, validated: bool, checkpoint) -> None:

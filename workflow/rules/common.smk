@@ -129,7 +129,7 @@ def finish_upstream(wildcards):
         "raw": [DATASETS[d]["raw"]],
         "labels": [DATASETS[d]["raw"], DATASETS[d].get("labels", "")],
         "probabilities": [store_path(d, "raw"), f"{R}/model/model.pt"],
-        "segmentation": [store_path(d, "probabilities")],
+        "segmentation": [store_path(d, "probabilities"), f"{R}/model/segmentation.json"],
     }[wildcards.store]
 
 

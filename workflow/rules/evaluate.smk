@@ -1,7 +1,9 @@
 rule evaluate:
-    """ISBI 2012 metrics on the dataset's test slices."""
+    """ISBI 2012 metrics on the test slices: of the probability map (best threshold per metric, each named) and of
+    the segmentation as written."""
     input:
         prob=f"{R}/{{dataset}}/probabilities.ome.zarr",
+        seg=f"{R}/{{dataset}}/segmentation.ome.zarr",
         labels=f"{R}/{{dataset}}/labels.ome.zarr",
     output:
         json=f"{R}/{{dataset}}/metrics/metrics.json",
@@ -21,7 +23,8 @@ rule evaluate:
         **cluster_resources(gpu=False),
     shell:
         logged(
-            f"{UNET} evaluate --prob {{input.prob:q}} --labels {{input.labels:q}} {{params.args}}"
+            f"{UNET} evaluate --prob {{input.prob:q}} --segmentation {{input.seg:q}} --labels {{input.labels:q}}"
+            " {params.args}"
             " --out-json {output.json:q} --out-slices {output.slices:q} --out-curves {output.curves:q}"
             " --out-plot {output.plot:q}"
         )

@@ -1,9 +1,11 @@
 rule report:
-    """Markdown summary: training curves, one example slice, the metrics table."""
+    """Markdown summary: training curves, the metrics of maps and segmentations, both methods on one slice."""
     input:
         log_csv=f"{R}/model/training_log.csv",
         metrics=expand(f"{R}/{{dataset}}/metrics/metrics.json", dataset=EVALUATED),
         seg=f"{R}/{report_example()}/segmentation.ome.zarr",
+        calibration=f"{R}/model/segmentation.json",
+        labels=[f"{R}/{report_example()}/labels.ome.zarr"] if report_example() in LABELLED else [],
     output:
         report=f"{R}/report/report.md",
     params:
@@ -13,6 +15,8 @@ rule report:
             "raw": f"{R}/{report_example()}/raw.ome.zarr",
             "prob": f"{R}/{report_example()}/probabilities.ome.zarr",
             "seg": f"{R}/{report_example()}/segmentation.ome.zarr",
+            "labels": f"{R}/{report_example()}/labels.ome.zarr" if report_example() in LABELLED else None,
+            "calibration": f"{R}/model/segmentation.json",
             "slice": config["report"]["slice"],
         }),
     log:

@@ -1,11 +1,13 @@
-# Segmentation in three steps: label blocks (parts), join labels across block faces (one small job),
+# Segmentation in three steps: label blocks (parts), join labels across block borders (one small job),
 # write each block's final ids (parts); `finish` then builds the pyramid and publishes the store.
+# Settings left at `auto` are those chosen on the validation slices when training finished.
 
 
 rule segment_label:
-    """One part: label blocks of the probability map on their own; local ids and block faces kept."""
+    """One part: label blocks of the probability map (threshold or watershed); local ids and borders kept."""
     input:
         prob=f"{R}/{{dataset}}/probabilities.ome.zarr",
+        calibration=f"{R}/model/segmentation.json",
     output:
         marker=temp(f"{R}/{{dataset}}/.parts/segmentation/label-{{part}}.json"),
     params:
@@ -24,14 +26,16 @@ rule segment_label:
     shell:
         logged(
             f"{UNET} segment --step label --prob {{input.prob:q}} --out {{params.out:q}} {{params.args}}"
+            " --calibration {input.calibration:q}"
             " --part {params.part} --threads {threads} --summary {output.marker:q}"
         )
 
 
 rule segment_join:
-    """Join labels that touch across block faces into cells: memory grows with the faces, not the voxels."""
+    """Join the labels of one cell across blocks: memory grows with the block borders, not the voxels."""
     input:
         prob=f"{R}/{{dataset}}/probabilities.ome.zarr",
+        calibration=f"{R}/model/segmentation.json",
         labelled=lambda w: markers(w.dataset, "segmentation", "label", PLANS[w.dataset].segmentation.write.parts),
     output:
         marker=temp(f"{R}/{{dataset}}/.parts/segmentation/join.json"),
@@ -50,6 +54,7 @@ rule segment_join:
     shell:
         logged(
             f"{UNET} segment --step join --prob {{input.prob:q}} --out {{params.out:q}} {{params.args}}"
+            " --calibration {input.calibration:q}"
             " --threads {threads} --summary {output.marker:q}"
         )
 
@@ -58,6 +63,7 @@ rule segment_relabel:
     """One part: write blocks with their final cell ids."""
     input:
         prob=f"{R}/{{dataset}}/probabilities.ome.zarr",
+        calibration=f"{R}/model/segmentation.json",
         joined=f"{R}/{{dataset}}/.parts/segmentation/join.json",
     output:
         marker=temp(f"{R}/{{dataset}}/.parts/segmentation/write-{{part}}.json"),
@@ -77,5 +83,6 @@ rule segment_relabel:
     shell:
         logged(
             f"{UNET} segment --step relabel --prob {{input.prob:q}} --out {{params.out:q}} {{params.args}}"
+            " --calibration {input.calibration:q}"
             " --part {params.part} --threads {threads} --summary {output.marker:q}"
         )

@@ -7,6 +7,7 @@ rule train:
     output:
         model=f"{R}/model/model.pt",
         log_csv=f"{R}/model/training_log.csv",
+        segmentation=f"{R}/model/segmentation.json",
     params:
         args=stages.train(config),
         out=lambda w, output: os.path.dirname(output.model),

@@ -1,0 +1,64 @@
+"""Segmentation settings chosen on validation slices, and `auto` resolved from that choice."""
+import json
+
+import numpy as np
+import pytest
+
+from unet_pipeline.calibrate import calibrate, default_record, resolve, write_record
+from unet_pipeline.errors import InputError
+from unet_pipeline.labelling import SegmentationSettings
+
+
+def _two_cells_with_a_gap(slices=2):
+    """Probability and truth of two cells whose membrane has a gap: the threshold merges them, seeds do not."""
+    prob = np.full((slices, 40, 60), 0.05)
+    prob[:, 5:35, 5:28] = 0.95
+    prob[:, 5:35, 32:55] = 0.95
+    prob[:, 5:35, 28:32] = 0.1
+    prob[:, 18:22, 28:32] = 0.6
+    truth = np.zeros(prob.shape, np.uint8)
+    truth[:, 5:35, 5:29] = 255
+    truth[:, 5:35, 31:55] = 255
+    return prob, truth
+
+
+def test_the_watershed_is_chosen_where_it_keeps_cells_apart():
+    prob, truth = _two_cells_with_a_gap()
+    record = calibrate(prob, truth, "2d")
+    assert record["method"] == "watershed" and record["validation_slices"] == 2
+    methods = record["methods"]
+    assert methods["watershed"]["rand_error"] < methods["threshold"]["rand_error"]
+    assert methods["threshold"]["threshold"] in [round(0.1 * k, 1) for k in range(1, 10)]
+
+
+def test_the_threshold_method_is_chosen_where_seeds_gain_nothing():
+    prob = np.full((1, 40, 60), 0.05)
+    prob[0, 5:35, 5:28] = 0.95
+    prob[0, 5:35, 32:55] = 0.95  # a clean membrane: both methods are perfect; the simpler one wins ties
+    truth = (prob > 0.5).astype(np.uint8) * 255
+    assert calibrate(prob, truth, "2d")["method"] == "threshold"
+
+
+def test_auto_settings_come_from_the_record_and_numbers_win(tmp_path):
+    prob, truth = _two_cells_with_a_gap()
+    path = tmp_path / "segmentation.json"
+    write_record(path, calibrate(prob, truth, "2d"))
+    record = json.loads(path.read_text())
+    auto = resolve("auto", "auto", "2d", "auto", "auto", path)
+    learned = record["methods"]["watershed"]
+    assert auto == SegmentationSettings("watershed", learned["threshold"], "2d", learned["seed_threshold"],
+                                        learned["min_seed_px"])
+    assert resolve("threshold", "auto", "2d", "auto", "auto", path).threshold == \
+        record["methods"]["threshold"]["threshold"]
+    assert resolve("auto", 0.42, "2d", "auto", "auto", path).threshold == 0.42
+    assert resolve("threshold", 0.3, "3d", "auto", "auto", None) == SegmentationSettings("threshold", 0.3, "3d")
+
+
+def test_without_validation_slices_auto_means_threshold_one_half(tmp_path):
+    write_record(tmp_path / "s.json", default_record("2d"))
+    assert resolve("auto", "auto", "2d", "auto", "auto", tmp_path / "s.json") == \
+        SegmentationSettings("threshold", 0.5, "2d")
+    with pytest.raises(InputError, match="no watershed settings were chosen"):
+        resolve("watershed", "auto", "2d", "auto", "auto", tmp_path / "s.json")
+    with pytest.raises(InputError, match="no segmentation choice recorded"):
+        resolve("auto", "auto", "2d", "auto", "auto", tmp_path / "missing.json")

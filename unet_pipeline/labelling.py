@@ -1,0 +1,214 @@
+"""The two ways cells are labelled from the probability map, for a whole image or one block of a volume.
+
+- **threshold**: cell where p > threshold, then connected components
+  (4-connected within a slice for '2d', 6-connected for '3d');
+- **watershed** (within slices): the cell mask p > threshold is split by a
+  seeded watershed on the membrane probability 1 - p. Seeds are the
+  4-connected components of p > seed_threshold with at least `min_seed_px`
+  pixels; the flooding stays inside the mask, and where two cells meet a
+  one-pixel line of membrane is drawn (skimage's watershed line). A mask
+  component without a seed is a cell of its own, so no cell is lost. A gap
+  in a thin membrane merges two cells under `threshold`; here the two seeds
+  meet at the gap and the cells stay apart, which is why the watershed
+  usually has the lower Rand error.
+
+Block by block (`label_block`), the threshold method needs only the block;
+its labels are joined across block faces later. A watershed region depends
+on the whole mask component it floods, so a block reads its region grown by
+a halo, and doubles the halo until every mask component that reaches into
+the block lies wholly inside what was read (at worst, the whole slice).
+Each block's result is then exactly the whole-volume result, and each
+region carries a key (the position of its seed's first pixel in the volume)
+by which the join step recognises the same cell in every block it crosses.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import numpy as np
+from scipy import ndimage
+
+from unet_pipeline.errors import ConfigError
+from unet_pipeline.geometry import Box
+from unet_pipeline.schema import choices
+
+FIRST_HALO_PX = 64
+
+
+@dataclass(frozen=True)
+class SegmentationSettings:
+    """How cells are labelled: method, cell threshold, connectivity, and the watershed's seeds."""
+
+    method: str
+    threshold: float
+    connectivity: str
+    seed_threshold: float | None = None
+    min_seed_px: int | None = None
+
+    def __post_init__(self):
+        if self.method not in ("threshold", "watershed"):
+            raise ConfigError(f"segment.method must be threshold or watershed here, got {self.method!r}")
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ConfigError(f"segment.threshold must lie in [0, 1], got {self.threshold}")
+        if self.connectivity not in choices("segment.connectivity"):
+            raise ConfigError(f"segment.connectivity must be one of {choices('segment.connectivity')}, got "
+                              f"{self.connectivity!r}")
+        if self.method == "watershed":
+            if self.connectivity != "2d":
+                raise ConfigError("segment.method watershed works within slices: set segment.connectivity to 2d "
+                                  "(a 3D watershed needs whole neurons in one block, which no block-wise job holds)")
+            if self.seed_threshold is None or not self.threshold <= self.seed_threshold <= 1.0:
+                raise ConfigError(f"segment.watershed.seed_threshold must lie in [threshold, 1], got "
+                                  f"{self.seed_threshold}")
+            if self.min_seed_px is None or self.min_seed_px < 1:
+                raise ConfigError(f"segment.watershed.min_seed_px must be at least 1, got {self.min_seed_px}")
+
+    def to_dict(self) -> dict:
+        """The settings that apply to the method, as plain data (recorded with the segmentation)."""
+        values = asdict(self)
+        if self.method == "threshold":
+            values.pop("seed_threshold")
+            values.pop("min_seed_px")
+        return values
+
+    def describe(self) -> str:
+        """The settings in words, for the log."""
+        if self.method == "threshold":
+            return f"threshold {self.threshold:g} + connected components"
+        return (f"watershed (cells p > {self.threshold:g}, seeds p > {self.seed_threshold:g} of at least "
+                f"{self.min_seed_px} px)")
+
+
+def structure(connectivity: str) -> np.ndarray:
+    """Face connectivity: 4-connected within a slice ('2d') or 6-connected ('3d')."""
+    if connectivity == "2d":
+        s = np.zeros((3, 3, 3), bool)
+        s[1] = ndimage.generate_binary_structure(2, 1)
+        return s
+    if connectivity == "3d":
+        return ndimage.generate_binary_structure(3, 1)
+    raise ConfigError(f"segment.connectivity must be one of {choices('segment.connectivity')}, got {connectivity!r}")
+
+
+FOUR = ndimage.generate_binary_structure(2, 1)
+
+
+def _watershed_slice(prob: np.ndarray, settings: SegmentationSettings, origin_flat: np.ndarray) -> tuple:
+    """Watershed regions of one slice and each region's key (the volume index of its marker's first pixel).
+
+    `origin_flat` maps each pixel of the slice to its flat index in the volume.
+    """
+    from skimage.segmentation import watershed
+
+    mask = prob > settings.threshold
+    seeds, count = ndimage.label(prob > settings.seed_threshold, FOUR)
+    if count:
+        sizes = np.bincount(seeds.ravel(), minlength=count + 1)
+        keep = sizes >= settings.min_seed_px
+        keep[0] = False
+        renumber = np.zeros(count + 1, np.int64)
+        renumber[keep] = np.arange(1, int(keep.sum()) + 1)
+        seeds = renumber[seeds]
+    components, n_components = ndimage.label(mask, FOUR)
+    markers = seeds.astype(np.int64)
+    # A mask component with no seed is one cell: its whole area is its marker.
+    seeded = np.zeros(n_components + 1, bool)
+    seeded[np.unique(components[markers > 0])] = True
+    lonely = ~seeded[components] & (components > 0)
+    if lonely.any():
+        extra, _ = ndimage.label(lonely, FOUR)
+        markers = np.where(lonely, extra + markers.max(), markers)
+    regions = watershed(1.0 - prob, markers, connectivity=1, mask=mask, watershed_line=True)
+    n = int(markers.max())
+    keys = np.full(n + 1, np.iinfo(np.int64).max, np.int64)
+    if n:
+        np.minimum.at(keys, markers[markers > 0], origin_flat[markers > 0])
+    return regions, keys
+
+
+def label_image(prob: np.ndarray, settings: SegmentationSettings) -> np.ndarray:
+    """Cells of a whole (slices, y, x) probability array, numbered in raster order of first appearance."""
+    if settings.method == "threshold":
+        labels, _ = ndimage.label(prob > settings.threshold, structure(settings.connectivity))
+        return labels.astype(np.uint32)
+    keyed = np.zeros(prob.shape, np.int64)
+    whole = Box((0, 0, 0), prob.shape)
+    for z in range(prob.shape[0]):
+        regions, keys = _watershed_slice(prob[z], settings, _flat_indices(whole, z, prob.shape))
+        keyed[z] = np.where(regions > 0, keys[regions], -1)
+    return _number_by_appearance(keyed)[0]
+
+
+def _flat_indices(region: Box, z: int, volume) -> np.ndarray:
+    """Flat indices in the volume of the pixels of slice `z` (relative to the region) of `region`."""
+    ys = np.arange(region.start[1], region.stop[1], dtype=np.int64)
+    xs = np.arange(region.start[2], region.stop[2], dtype=np.int64)
+    return np.add.outer(((region.start[0] + z) * volume[1] + ys) * volume[2], xs)
+
+
+def _number_by_appearance(keyed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Keys (-1 = membrane) -> ids 1.. in raster order of first appearance; also each id's key."""
+    flat = keyed.ravel()
+    inside = flat >= 0
+    values, first = np.unique(flat[inside], return_index=True)
+    order = np.argsort(first)
+    ids = np.empty(len(values), np.int64)
+    ids[order] = np.arange(1, len(values) + 1)
+    labels = np.zeros(flat.shape, np.uint32)
+    labels[inside] = ids[np.searchsorted(values, flat[inside])]
+    keys_of_ids = np.empty(len(values) + 1, np.int64)
+    keys_of_ids[0] = -1
+    keys_of_ids[ids] = values
+    return labels.reshape(keyed.shape), keys_of_ids
+
+
+def label_block(read: Callable[[Box], np.ndarray], block: Box, volume: tuple[int, ...],
+                settings: SegmentationSettings) -> tuple[np.ndarray, np.ndarray | None]:
+    """One block's cells, numbered locally in raster order, and (watershed) each local id's key.
+
+    `read(box)` returns cell probability (float32) of a box inside the volume.
+    Threshold: labels of the block alone (joined across faces later), keys
+    None. Watershed: the block read with a growing halo until complete, so the
+    labels equal the whole-volume ones; keys[i] identifies local id i's cell.
+    """
+    if settings.method == "threshold":
+        labels, _ = ndimage.label(read(block) > settings.threshold, structure(settings.connectivity))
+        return labels.astype(np.uint32), None
+    halo = FIRST_HALO_PX
+    while True:
+        region = block.grow((0, halo, halo)).clip(volume)
+        prob = read(region)
+        if _complete(prob > settings.threshold, region, block, volume):
+            break
+        halo *= 2
+    inner = block.relative_to(region.start).slices
+    keyed = np.full(block.shape, -1, np.int64)
+    for z in range(region.shape[0]):
+        regions, keys = _watershed_slice(prob[z], settings, _flat_indices(region, z, volume))
+        keyed[z] = np.where(regions[inner[1:]] > 0, keys[regions[inner[1:]]], -1)
+    return _number_by_appearance(keyed)
+
+
+def _complete(mask: np.ndarray, region: Box, block: Box, volume: tuple[int, ...]) -> bool:
+    """Whether every mask component that reaches into `block` lies wholly inside `region` (per slice).
+
+    A component touching a side of the region that is not the volume's edge
+    may continue outside it: the halo must grow.
+    """
+    inner = block.relative_to(region.start).slices
+    open_sides = [(1, 0, region.start[1] > 0), (1, -1, region.stop[1] < volume[1]),
+                  (2, 0, region.start[2] > 0), (2, -1, region.stop[2] < volume[2])]
+    for z in range(mask.shape[0]):
+        components, n = ndimage.label(mask[z], FOUR)
+        if not n:
+            continue
+        wanted = np.unique(components[inner[1:]])
+        wanted = wanted[wanted > 0]
+        for axis, index, is_open in open_sides:
+            if not is_open:
+                continue
+            edge = np.take(components, index, axis=axis - 1)
+            if np.isin(wanted, edge).any():
+                return False
+    return True
