@@ -3,7 +3,7 @@
     python benchmarks/predict_throughput.py [--device auto|cpu|cuda] [--paper-net] [--tta none|d4]
 
 Prints, in Mvoxel/s (medians of --repeats):
-1. data path: `predict_volume` with the zero-cost `PassThroughNet` (Zarr read,
+1. data path: one `predict_part` job with the zero-cost `PassThroughNet` (Zarr read,
    decompression, mirroring, normalisation, tiling, batching, device copies,
    encoding, compression, completion records), default config (chunks
    1x512x512, 8x8 chunks per file, batch auto, 2 writers). Target on 2 CPU
@@ -15,7 +15,7 @@ Prints, in Mvoxel/s (medians of --repeats):
    batch 1 / 4 / 16, channels_last on and off, torch.compile where
    --compile is given (CUDA), with the same precision and test-time
    augmentation;
-3. end to end: `predict_volume` with the real network, and its ratio to the
+3. end to end: one `predict_part` job with the real network, and its ratio to the
    best bare forward (target >= 0.9 on CPU, >= 0.8 on a GPU; with d4, of
    best bare / 8), on slices of whole 388 tiles, so that the ratio measures
    the pipeline rather than how a slice's size divides into tiles;
@@ -53,17 +53,19 @@ import tifffile  # noqa: E402
 import torch  # noqa: E402
 
 from common import sync  # noqa: E402
-from unet_pipeline import io  # noqa: E402
+from unet_pipeline import stores  # noqa: E402
 from unet_pipeline.checkpoint import save_checkpoint  # noqa: E402
 from unet_pipeline.device import resolve_device, resolve_dtype  # noqa: E402
-from unet_pipeline.inference import PassThroughNet, Predictor, tta_transforms  # noqa: E402
+from unet_pipeline.geometry import Part, tta_transforms  # noqa: E402
+from unet_pipeline.inference import PassThroughNet, Predictor  # noqa: E402
 from unet_pipeline.model import UNet, UNetConfig  # noqa: E402
-from unet_pipeline.predict import predict_volume  # noqa: E402
+from unet_pipeline.predict import predict_part  # noqa: E402
 from unet_pipeline.preprocess import preprocess  # noqa: E402
 from unet_pipeline.synthetic import synthesize_labels_and_raw  # noqa: E402
 
 TILE = 388
 CHUNKS = (1, 512, 512)
+CHUNKS_PER_FILE = (1, 8, 8)
 
 
 def make_volume(tmp: Path, name: str, shape) -> Path:
@@ -72,7 +74,8 @@ def make_volume(tmp: Path, name: str, shape) -> Path:
     reps = [-(-s // b) for s, b in zip(shape, base.shape)]
     raw = np.tile(base, reps)[: shape[0], : shape[1], : shape[2]]
     tifffile.imwrite(tmp / f"{name}.tif", raw, photometric="minisblack")
-    preprocess(tmp / f"{name}.tif", tmp / f"{name}.ome.zarr", chunks=CHUNKS)
+    preprocess(tmp / f"{name}.tif", tmp / f"{name}.ome.zarr", chunks=CHUNKS, chunks_per_file=CHUNKS_PER_FILE,
+               voxel_size_nm=(50, 4, 4))
     return tmp / f"{name}.ome.zarr"
 
 
@@ -94,14 +97,17 @@ def median_rate(fn, voxels: int, repeats: int) -> float:
     return statistics.median(rates)
 
 
-def run_predict(predictor, raw_path: Path, ckpt: Path, tmp: Path, tag: str):
-    """One prediction into a fresh store per call; the previous call's store is removed (disk space)."""
+def run_predict(predictor, raw_path: Path, ckpt: Path, tmp: Path, tag: str, out_dtype: str = "float16"):
+    """One job's prediction (a whole part) into a fresh store per call; the previous call's store is removed."""
     counter = iter(range(10**6))
 
     def once():
         i = next(counter)
-        shutil.rmtree(tmp / f"{tag}-{i - 1}.ome.zarr", ignore_errors=True)
-        predict_volume(predictor, raw_path, tmp / f"{tag}-{i}.ome.zarr", ckpt, CHUNKS, "float16", progress=False)
+        for old in tmp.glob(f".{tag}-{i - 1}.ome.zarr.partial-*"):
+            shutil.rmtree(old, ignore_errors=True)
+        predict_part(predictor, raw_path, tmp / f"{tag}-{i}.ome.zarr", ckpt, Part(0, 1), chunks=CHUNKS,
+                     chunks_per_file=CHUNKS_PER_FILE, out_dtype=out_dtype, tta="none", precision="auto",
+                     pyramid_levels=0, writers=2)
     return once
 
 
@@ -112,7 +118,7 @@ def bare_forward(model, cfg, device, dtype, transforms, tiles_total: int, repeat
     for batch in (1, 4, 16):
         for channels_last in (False, True):
             for compiled in ((False, True) if try_compile else (False,)):
-                p = Predictor(model, device, dtype, transforms, TILE, batch * len(transforms),
+                p = Predictor(model, device, TILE, dtype, transforms, batch * len(transforms),
                               channels_last=channels_last, compile=compiled)
                 x = torch.rand(batch, size, size, device=device)
                 p.probabilities(x)  # warm-up (and compilation)
@@ -153,9 +159,9 @@ def monai_sliding_window(model, cfg, device, dtype, volume: np.ndarray, repeats:
 def peak_rss_mb(raw_path: Path, ckpt: Path, out: Path, device: str) -> float:
     code = (
         "import resource, subprocess, sys;"
-        f"subprocess.run([sys.executable, '-m', 'unet_pipeline.cli', 'predict', '--raw', '{raw_path}',"
+        f"subprocess.run([sys.executable, '-m', 'unet_pipeline', 'predict', '--raw', '{raw_path}',"
         f" '--checkpoint', '{ckpt}', '--out', '{out}', '--tile-size', '{TILE}', '--chunks', "
-        f"'{','.join(map(str, CHUNKS))}', '--device', '{device}', '--no-progress'], check=True,"
+        f"'{','.join(map(str, CHUNKS))}', '--device', '{device}', '--part', '0/1', '--no-progress'], check=True,"
         " stdout=subprocess.DEVNULL);"
         "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
     )
@@ -190,14 +196,16 @@ def main():
         print(f"device {device}, precision {dtype or 'fp32'}, {torch.get_num_threads()} threads, tile {TILE}, "
               f"chunks {CHUNKS}, {len(transforms)} TTA pass(es), network {cfg.base_channels} channels")
 
-        stub = Predictor(PassThroughNet(cfg), device, dtype, transforms, TILE, None)
+        stub = Predictor(PassThroughNet(cfg), device, TILE, dtype, transforms, None)
         raw_path = make_volume(tmp, "data", data_shape)
         rate = median_rate(run_predict(stub, raw_path, ckpt, tmp, "stub"), int(np.prod(data_shape)), a.repeats)
+        rate_u8 = median_rate(run_predict(stub, raw_path, ckpt, tmp, "stub8", "uint8"), int(np.prod(data_shape)),
+                              a.repeats)
         short_path = make_volume(tmp, "short", short_shape)
         short = median_rate(run_predict(stub, short_path, ckpt, tmp, "short"), int(np.prod(short_shape)), a.repeats)
-        print(f"1. data path (zero-cost PassThroughNet), volume {data_shape}: {rate:.1f} Mvoxel/s "
-              f"(target >= 100 on 2 CPU cores); volume {short_shape}, start and end of a job included: "
-              f"{short:.1f} Mvoxel/s")
+        print(f"1. data path (zero-cost PassThroughNet), volume {data_shape}: {rate:.1f} Mvoxel/s with float16 "
+              f"output, {rate_u8:.1f} with uint8 (target >= 100 on 2 CPU cores); volume {short_shape}, start and "
+              f"end of a job included: {short:.1f} Mvoxel/s")
 
         model = UNet(cfg).to(device).eval()
         tiles = 64 if gpu else 4
@@ -209,14 +217,14 @@ def main():
               f"compile {best_key[2]})")
 
         net_path = make_volume(tmp, "net", net_shape)
-        predictor = Predictor(model, device, dtype, transforms, TILE, None, compile=best_key[2])
+        predictor = Predictor(model, device, TILE, dtype, transforms, None, compile=best_key[2])
         end_to_end = median_rate(run_predict(predictor, net_path, ckpt, tmp, "net"), int(np.prod(net_shape)),
                                  a.repeats)
         target = 0.8 if gpu else 0.9
         print(f"3. end to end, volume {net_shape}: {end_to_end:.2f} Mvoxel/s; "
               f"ratio to the best bare forward: {end_to_end / bare[best_key]:.2f} (target >= {target})")
 
-        volume = np.asarray(io.open_ome_image(net_path)[...])
+        volume = stores.open_image(net_path)[...]
         monai = monai_sliding_window(UNet(cfg).to(device), cfg, device, dtype, volume, a.repeats)
         if monai is None:
             print("4. MONAI sliding_window_inference: MONAI is not installed (pip install monai to compare)")
@@ -234,7 +242,7 @@ def main():
               f"(12, 2048, 1024), 8x the voxels at the same width: ratio {rss['tall'] / rss['small']:.2f} "
               f"(target <= 1.2); {rss['wide']:.0f} MB for (6, 2048, 2048), 8x the voxels with 2x the width: "
               f"ratio {rss['wide'] / rss['small']:.2f} (strips and blocks span the width up to one shard)")
-        print(json.dumps({"data_path_mvox_s": rate, "data_path_short_mvox_s": short, "best_bare_mvox_s": bare[best_key],
+        print(json.dumps({"data_path_mvox_s": rate, "data_path_uint8_mvox_s": rate_u8, "data_path_short_mvox_s": short, "best_bare_mvox_s": bare[best_key],
                           "end_to_end_mvox_s": end_to_end, "monai_mvox_s": monai,
                           **{f"rss_{k}_mb": v for k, v in rss.items()}}))
 

@@ -100,3 +100,27 @@ def whole_slice_probability(model, normalised: np.ndarray, device: str = "cpu") 
             logits = model(torch.from_numpy(padded)[None, None].to(device))
         whole.append(torch.softmax(logits, 1)[0, 1, :h, :w].cpu().numpy())
     return np.stack(whole)
+
+
+def kill_after_blocks(args: list[str], partial_dir_glob: Path, blocks: int, env: dict | None = None) -> int:
+    """Run a part's command, kill it with SIGKILL once it has recorded `blocks` blocks; returns how many it had.
+
+    Each block is slowed down (UNET_PIPELINE_SLOW_BLOCKS_S), so the kill lands mid-part on any machine.
+    """
+    import signal
+    import subprocess
+    import time
+
+    from unet_pipeline.blockwise import CompletionLog
+
+    def recorded() -> int:
+        partials = sorted(partial_dir_glob.parent.glob(partial_dir_glob.name))
+        return len(CompletionLog.read(partials[0] / "unet_work")) if partials else 0
+
+    proc = subprocess.Popen(args, env={**os.environ, "UNET_PIPELINE_SLOW_BLOCKS_S": "0.05", **(env or {})})
+    deadline = time.time() + 120
+    while time.time() < deadline and recorded() < blocks and proc.poll() is None:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return recorded()

@@ -1,10 +1,7 @@
 """Overlap-tile prediction: exact against whole-slice inference, resumable, split into parts that fill one store."""
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -12,7 +9,7 @@ import torch
 import zarr
 
 from unet_pipeline import stores
-from unet_pipeline.blockwise import CompletionLog, PartialStore
+from unet_pipeline.blockwise import PartialStore
 from unet_pipeline.errors import ConfigError, InputError
 from unet_pipeline.finish import finish_store
 from unet_pipeline.geometry import Part
@@ -20,7 +17,7 @@ from unet_pipeline.inference import Predictor, load_predictor
 from unet_pipeline.model import UNet, UNetConfig
 from unet_pipeline.normalise import Normaliser
 from unet_pipeline.predict import predict_part
-from tests.conftest import random_checkpoint, raw_store, whole_slice_probability
+from tests.conftest import kill_after_blocks, random_checkpoint, raw_store, whole_slice_probability
 
 MODEL = UNetConfig(base_channels=4, depth=3, dropout=0.0)
 
@@ -98,18 +95,7 @@ def test_a_killed_part_resumes_only_unfinished_blocks(tmp_path):
     subprocess.run(args + ["--out", str(reference)], check=True)
     out = tmp_path / "p.ome.zarr"
     part = ["--part", "0/1", "--summary", str(tmp_path / "summary.json")]
-    proc = subprocess.Popen(args + ["--out", str(out)] + part)
-
-    def recorded():
-        partials = list(tmp_path.glob(".p.ome.zarr.partial-*"))
-        return len(CompletionLog.read(partials[0] / "unet_work")) if partials else 0
-
-    deadline = time.time() + 120
-    while time.time() < deadline and recorded() < 5:
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    done_before = recorded()
+    done_before = kill_after_blocks(args + ["--out", str(out)] + part, tmp_path / ".p.ome.zarr.partial-*", 5)
     assert 5 <= done_before < 36
     subprocess.run(args + ["--out", str(out)] + part, check=True)
     stats = json.loads((tmp_path / "summary.json").read_text())

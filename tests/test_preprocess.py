@@ -1,10 +1,7 @@
 """Preprocess: stacks of every kind into OME-Zarr, in parts that equal one job, refusing what cannot be right."""
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -12,12 +9,13 @@ import tifffile
 import zarr
 
 from unet_pipeline import stores
-from unet_pipeline.blockwise import CompletionLog, PartialStore
+from unet_pipeline.blockwise import PartialStore
 from unet_pipeline.errors import InputError
 from unet_pipeline.finish import finish_store
 from unet_pipeline.geometry import Part
 from unet_pipeline.normalise import Normaliser
 from unet_pipeline.preprocess import preprocess, raw_part
+from tests.conftest import kill_after_blocks
 
 LAYOUT = dict(chunks=(1, 32, 32), chunks_per_file=(1, 2, 2))
 
@@ -110,29 +108,40 @@ def test_stores_record_a_content_fingerprint(tmp_path, tiff_pair):
 
 
 def test_a_killed_part_resumes_without_redoing_finished_blocks(tmp_path):
-    data = (np.random.default_rng(2).random((12, 256, 256)) * 255).astype(np.uint8)
+    data = (np.random.default_rng(2).random((12, 64, 64)) * 255).astype(np.uint8)
     tifffile.imwrite(tmp_path / "raw.tif", data, photometric="minisblack")
     out = tmp_path / "raw.ome.zarr"
     args = [sys.executable, "-m", "unet_pipeline", "preprocess", "--raw", str(tmp_path / "raw.tif"), "--out", str(out),
             "--chunks", "1,32,32", "--chunks-per-file", "1,1,1", "--voxel-size", "50,4,4", "--threads", "1",
             "--part", "0/1", "--summary", str(tmp_path / "summary.json")]
-    # Slow each block down so that the kill lands mid-part.
-    env = {**os.environ, "UNET_PIPELINE_SLOW_BLOCKS_S": "0.01"}
-    proc = subprocess.Popen(args, env=env)
-    deadline = time.time() + 60
-    done = 0
-    while time.time() < deadline and done < 100:
-        partials = list(tmp_path.glob(".raw.ome.zarr.partial-*"))
-        done = len(CompletionLog.read(partials[0] / "unet_work")) if partials else 0
-        time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    partial = next(tmp_path.glob(".raw.ome.zarr.partial-*"))
-    before = len(CompletionLog.read(partial / "unet_work"))
-    assert 100 <= before < 12 * 64
+    before = kill_after_blocks(args, tmp_path / ".raw.ome.zarr.partial-*", 10)
+    assert 10 <= before < 12 * 4
     subprocess.run(args, check=True)
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["blocks_skipped"] == before and summary["blocks_computed"] == 12 * 64 - before
+    assert summary["blocks_skipped"] == before and summary["blocks_computed"] == 12 * 4 - before
     subprocess.run([sys.executable, "-m", "unet_pipeline", "finish", "--from", str(tmp_path / "summary.json")],
                    check=True)
     assert np.array_equal(stores.open_image(out)[...], data)
+
+
+def test_a_killed_pyramid_part_resumes_without_redoing_finished_blocks(tmp_path):
+    data = (np.random.default_rng(4).random((10, 128, 128)) * 255).astype(np.uint8)
+    tifffile.imwrite(tmp_path / "raw.tif", data, photometric="minisblack")
+    out = tmp_path / "raw.ome.zarr"
+    summary = raw_part(tmp_path / "raw.tif", out, Part(0, 1), chunks=(1, 16, 16), chunks_per_file=(1, 1, 1),
+                       voxel_size_nm=(50, 4, 4), pyramid_levels="auto", threads=2)
+    summary.write(tmp_path / "level0.json")
+    args = [sys.executable, "-m", "unet_pipeline", "pyramid", "--from", str(tmp_path / "level0.json"), "--level", "1",
+            "--part", "0/1", "--threads", "1", "--summary", str(tmp_path / "level1.json")]
+    level0 = 10 * 8 * 8
+    before = kill_after_blocks(args, tmp_path / ".raw.ome.zarr.partial-*", level0 + 20) - level0
+    assert 20 <= before < 10 * 4 * 4
+    subprocess.run(args, check=True)
+    done = json.loads((tmp_path / "level1.json").read_text())
+    assert done["blocks_skipped"] == before and done["blocks_computed"] == 10 * 16 - before
+    subprocess.run([sys.executable, "-m", "unet_pipeline", "finish", "--from", str(tmp_path / "level1.json"),
+                    "--first-unbuilt-level", "2"], check=True)
+    from unet_pipeline.pyramid import downsample
+
+    expected = downsample(data, (1, 2, 2), "mean", np.uint8)
+    assert np.array_equal(stores.open_image(out, "1")[...], expected)

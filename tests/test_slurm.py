@@ -107,7 +107,8 @@ def test_workflow_on_slurm_matches_local_run(slurm_run, tmp_path):
         assert np.array_equal(a, b), name
     metrics = [json.loads((w / "results" / "test" / "metrics" / "metrics.json").read_text())
                for w in (on_slurm, local)]
-    assert metrics[0]["rand_error"] == metrics[1]["rand_error"]
+    assert metrics[0]["probability_map"] == metrics[1]["probability_map"]
+    assert metrics[0]["segmentation"]["rand_error"] == metrics[1]["segmentation"]["rand_error"]
 
 
 def test_failed_predict_part_is_retried_without_recomputing(slurm, slurm_run, tmp_path):

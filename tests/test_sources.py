@@ -103,7 +103,7 @@ def test_voxel_size_is_read_from_ome_tiff_and_ome_zarr(tmp_path):
 
     group = zarr.open_group(str(tmp_path / "b.ome.zarr"), mode="w")
     stores.create_array(group, "0", (2, 16, 16), "u1", (1, 16, 16), (1, 1, 1))
-    stores.write_ngff(group, [Level((2, 16, 16), (1, 1, 1))], (40.0, 5.0, 5.0), "image", True)
+    stores.write_ngff(group, [Level((2, 16, 16), (1, 1, 1))], (40.0, 5.0, 5.0), "image")
     assert header(tmp_path / "b.ome.zarr").voxel_size_nm == (40.0, 5.0, 5.0)
 
 

@@ -55,14 +55,18 @@ def test_a_deleted_shard_file_is_an_error_naming_it_not_zeros(tmp_path):
         image[1]
 
 
-def test_flipped_bytes_in_a_shard_are_an_error_naming_the_file(tmp_path):
-    path, _ = raw_store(tmp_path, (2, 70, 90), chunks=(1, 32, 32), chunks_per_file=(1, 2, 2))
-    shard = path / "0" / "c" / "0" / "1" / "0"
-    blob = bytearray(shard.read_bytes())
+@pytest.mark.parametrize("shard", ["0/0/0", "0/1/0"])  # an interior shard (read whole by zarrs), an edge one
+@pytest.mark.parametrize("region", ["slice", "one chunk"])
+def test_flipped_bytes_in_a_shard_are_an_error_naming_the_file(tmp_path, shard, region):
+    path, _ = raw_store(tmp_path, (2, 150, 90), chunks=(1, 32, 32), chunks_per_file=(1, 2, 2))
+    file = path / "0" / "c" / shard
+    blob = bytearray(file.read_bytes())
     blob[40] ^= 0xFF  # inside the first chunk's compressed bytes
-    shard.write_bytes(bytes(blob))
-    with pytest.raises(InputError, match=r"0/c/0/1/0: this file of .*raw.ome.zarr is damaged"):
-        stores.open_image(path)[0]
+    file.write_bytes(bytes(blob))
+    image = stores.open_image(path)
+    y = 0 if shard == "0/0/0" else 64
+    with pytest.raises(InputError, match=rf"0/c/{shard}: this file of .*raw.ome.zarr is damaged"):
+        image[0] if region == "slice" else image[0, y:y + 32, 0:32]
 
 
 def test_a_truncated_shard_is_an_error_naming_the_file(tmp_path):

@@ -78,8 +78,20 @@ def test_pyramid_halves_yx_then_z_once_voxels_are_about_isotropic_down_to_one_ch
     assert len(pyramid((4, 5000, 5000), (1, 512, 512), (50, 4, 4), max_levels=2)) == 3
 
 
-def test_averaged_levels_are_centred_on_the_voxels_they_average():
+def test_coarse_levels_are_centred_on_the_voxels_they_stand_for():
     level = pyramid((8, 64, 64), (1, 8, 8), (50, 4, 4))[2]
     assert level.factor == (1, 4, 4)
-    assert level.translation((50, 4, 4), averaged=True) == [0.0, 6.0, 6.0]  # (4 - 1) / 2 voxels of 4 nm
-    assert level.translation((50, 4, 4), averaged=False) == [0.0, 0.0, 0.0]
+    assert level.translation((50, 4, 4)) == [0.0, 6.0, 6.0]  # (4 - 1) / 2 voxels of 4 nm
+
+
+def test_label_levels_take_the_most_frequent_label_and_invent_none():
+    from unet_pipeline.pyramid import downsample
+
+    labels = np.array([[[1, 1, 2, 3, 7],
+                        [1, 2, 3, 3, 7],
+                        [4, 5, 6, 0, 9]]], np.uint32)
+    got = downsample(labels, (1, 2, 2), "mode", np.uint32)
+    assert got.tolist() == [[[1, 3, 7], [4, 6, 9]]]  # ties go to the first label of the group
+    assert set(np.unique(got)) <= set(np.unique(labels))
+    means = downsample(np.array([[[0, 2], [4, 6]]], np.uint8), (1, 2, 2), "mean", np.uint8)
+    assert means.tolist() == [[[3]]]

@@ -111,12 +111,21 @@ def test_whole_workflow_runs_and_outputs_open_in_ome_zarr_reader(finished_run):
     prob = zarr.open_array(str(results / "test" / "probabilities.ome.zarr" / "0"), mode="r")[...] / 255.0
     gt = zarr.open_array(str(results / "test" / "labels.ome.zarr" / "0"), mode="r")[...]
     expected = aggregate([slice_statistics(np.where(gt[z] > 0, 255.0, 0.0), prob[z]) for z in (0, 1)]).summary()
-    assert metrics["rand_error"] == pytest.approx(expected["rand_error"], abs=1e-12)
-    assert metrics["pixel_error"] == pytest.approx(expected["pixel_error"], abs=1e-12)
+    assert metrics["probability_map"]["rand_error"] == pytest.approx(expected["rand_error"], abs=1e-12)
+    assert metrics["probability_map"]["pixel_error"] == pytest.approx(expected["pixel_error"], abs=1e-12)
+    # ...and the segmentation as written, at the settings chosen on the validation slice
+    from unet_pipeline.metrics import cells_of_labels
+
+    seg = zarr.open_array(str(results / "test" / "segmentation.ome.zarr" / "0"), mode="r")[...]
+    written = aggregate([slice_statistics(np.where(gt[z] > 0, 255.0, 0.0), cells_of_labels(seg[z])) for z in (0, 1)])
+    assert metrics["segmentation"]["rand_error"] == pytest.approx(written.rand_error, abs=1e-12)
+    chosen = json.loads((results / "model" / "segmentation.json").read_text())
+    assert metrics["segmentation"]["settings"]["method"] == chosen["method"] and chosen["validation_slices"] == 1
     for name in ("raw", "probabilities", "segmentation"):
         nodes = list(Reader(parse_url(str(results / "test" / f"{name}.ome.zarr")))())
         assert nodes and nodes[0].data[0].shape == (2, 64, 80), name
-    assert (results / "report" / "report.md").read_text().count("| test |") == 1
+    report = (results / "report" / "report.md").read_text()
+    assert report.count("| test | probability map") == 1 and report.count("| test | segmentation as written") == 1
     assert not list(results.rglob(".*.partial-*")) and not list(results.rglob(".parts"))  # nothing left behind
     # Everything is up to date: a second run does nothing.
     again = snakemake(workdir, "-n")
@@ -142,8 +151,11 @@ TRAINING = {"train": 1, **PREDICTION}
      {"preprocess": 2, "preprocess_labels": 2, "weights": 1, **TRAINING, "finish": 6}),
     ("train", {"steps": 7}, TRAINING),
     ("weights", {"w0": 5}, {"weights": 1, **TRAINING}),
+    # a segment setting reruns the segmentation and what scores and shows it
     ("segment", {"threshold": 0.6},
-     {"segment_label": 1, "segment_join": 1, "segment_relabel": 1, "finish": 1, "report": 1, "all": 1}),
+     {"segment_label": 1, "segment_join": 1, "segment_relabel": 1, "finish": 1, "evaluate": 1, "report": 1, "all": 1}),
+    ("segment", {"method": "threshold"},
+     {"segment_label": 1, "segment_join": 1, "segment_relabel": 1, "finish": 1, "evaluate": 1, "report": 1, "all": 1}),
     ("pyramid", {"levels": 1}, {"preprocess": 2, "preprocess_labels": 2, "weights": 1, **TRAINING, "finish": 6}),
     # Speed and placement settings only: nothing reruns.
     ("predict", {"writers": 3, "batch_size": 2, "compile": True}, {}),

@@ -43,6 +43,8 @@ class AugmentConfig:
 
 @dataclass
 class TrainingTiles:
+    """One training batch: input tiles, their class labels and weight maps, on the training device."""
+
     image: torch.Tensor    # (n, 1, in, in) float
     labels: torch.Tensor   # (n, out, out) long, 1 = cell
     weights: torch.Tensor  # (n, out, out) float

@@ -76,6 +76,7 @@ class CompletionLog:
         self._lock = threading.Lock()
 
     def record(self, array: str, index: Index, **extra) -> None:
+        """Append block `index` of `array` (and what it contributes) and make the line durable."""
         line = json.dumps({"array": array, "block": list(index), **extra}, separators=(",", ":"))
         with self._lock:
             self._file.write(line + "\n")
@@ -83,6 +84,7 @@ class CompletionLog:
             os.fsync(self._file.fileno())
 
     def close(self) -> None:
+        """Close the log file (every record is already durable)."""
         self._file.close()
 
     @staticmethod
@@ -118,6 +120,7 @@ class PartialStore:
 
     @property
     def work_dir(self) -> Path:
+        """Where the parts keep their completion logs and per-block side files (removed on publishing)."""
         return self.path / WORK_DIR
 
     @classmethod
@@ -153,6 +156,7 @@ class PartialStore:
         return store
 
     def group(self, mode: str = "r+") -> zarr.Group:
+        """The store's root group."""
         return zarr.open_group(str(self.path), mode=mode)
 
     def array(self, name: str, mode: str = "r+") -> zarr.Array:
@@ -160,6 +164,7 @@ class PartialStore:
         return stores.open_array(self.path / name, mode)
 
     def finished(self, array: str) -> dict[Index, dict]:
+        """Every recorded block of `array`, with what its record carries."""
         return {index: entry for (_, index), entry in CompletionLog.read(self.work_dir, array).items()}
 
     def missing(self, array: str) -> list[Index]:
@@ -217,15 +222,17 @@ class BlockWriter:
             return self._arrays[name, empty]
 
     def write(self, name: str, index: Index, data: np.ndarray, **extra) -> None:
+        """Write block `index` of array `name` whole, make its file durable, then record it (with `extra`)."""
         array = self.array(name)
         box = stores.block_grid(array).box(index)
         if data.shape != box.shape:
             raise ValueError(f"block {index} of {name!r} holds shape {box.shape}, got {data.shape}")
-        if not np.any(data != array.fill_value):
-            array = self.array(name, empty=True)
+        file = stores.block_file(array, index)
         with atomic.naming_errors(self.store.final):
             array[box.slices] = data
-            atomic.fsync(stores.block_file(array, index))
+            if not file.exists():  # only the fill value: zarrs stored nothing (cheaper to ask than to scan)
+                self.array(name, empty=True)[box.slices] = data
+            atomic.fsync(file)
         self.log.record(name, index, **extra)
         with self._lock:
             self.written += 1
@@ -234,6 +241,7 @@ class BlockWriter:
             time.sleep(float(os.environ[SLOW_ENV]))
 
     def close(self) -> None:
+        """Close the job's completion log."""
         self.log.close()
 
 
@@ -267,6 +275,7 @@ class PartSummary:
     extra: dict = field(default_factory=dict)
 
     def write(self, path: str | os.PathLike | None) -> None:
+        """Write the summary as JSON to `path` (the marker the workflow expects), if a path is given."""
         if path:
             atomic.atomic_write_text(path, json.dumps(asdict(self), indent=1, default=str))
 

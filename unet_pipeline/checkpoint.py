@@ -129,6 +129,7 @@ def _differences(stored, expected, prefix: str = "") -> list[str]:
 
 
 def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's bytes (a prediction records the checkpoint it was made with)."""
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):

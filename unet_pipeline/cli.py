@@ -82,6 +82,18 @@ def _levels(text: str):
     return int(text)
 
 
+def _auto_or(kind):
+    """`auto`, or a value of `kind`."""
+    def parse(text: str):
+        if text == "auto":
+            return "auto"
+        try:
+            return kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected auto or a {kind.__name__}, got {text!r}") from None
+    return parse
+
+
 def _part(text: str):
     from unet_pipeline.geometry import Part
 
@@ -127,6 +139,7 @@ def _report(summary, what: str) -> None:
 
 # --------------------------------------------------------------------------- stages
 def cmd_synth(a):
+    """`unet-pipeline synth`: generate a synthetic EM-like stack and its exact labels as TIFFs."""
     import tifffile
 
     from unet_pipeline.atomic import atomic_file
@@ -140,6 +153,7 @@ def cmd_synth(a):
 
 
 def cmd_preprocess(a):
+    """`unet-pipeline preprocess`: a raw or label stack into its OME-Zarr store (one part, or all and the finished store)."""
     from unet_pipeline.blockwise import PartialStore
     from unet_pipeline.finish import finish_store
     from unet_pipeline.geometry import Part
@@ -162,6 +176,7 @@ def cmd_preprocess(a):
 
 
 def cmd_weights(a):
+    """`unet-pipeline weights`: the paper's weight maps of a label store."""
     from unet_pipeline.weights import write_weights
 
     _use_threads(a.threads)
@@ -171,6 +186,7 @@ def cmd_weights(a):
 
 
 def cmd_train(a):
+    """`unet-pipeline train`: train the U-Net on the datasets' training slices, validating on their validation slices."""
     import torch
 
     from unet_pipeline.config import parse_slices
@@ -213,6 +229,7 @@ def cmd_train(a):
 
 
 def cmd_predict(a):
+    """`unet-pipeline predict`: the probability map of a raw store (one part, or all and the finished store)."""
     import torch
 
     from unet_pipeline.blockwise import PartialStore
@@ -241,24 +258,27 @@ def cmd_predict(a):
 
 
 def cmd_segment(a):
+    """`unet-pipeline segment`: instance labels from a probability map (one step or part, or all and the finished store)."""
     from unet_pipeline import segment
     from unet_pipeline.blockwise import PartSummary
+    from unet_pipeline.calibrate import resolve
     from unet_pipeline.geometry import Part
 
     _use_threads(a.threads)
-    settings = dict(threshold=a.threshold, connectivity=a.connectivity, pyramid_levels=a.pyramid_levels)
+    chosen = resolve(a.method, a.threshold, a.connectivity, a.seed_threshold, a.min_seed_px, a.calibration)
+    log.info("segmenting with %s", chosen.describe())
     if a.step == "all":
-        count = segment.segment(a.prob, a.out, threads=a.threads, **settings)
+        count = segment.segment(a.prob, a.out, settings=chosen, pyramid_levels=a.pyramid_levels, threads=a.threads)
         print(f"wrote {a.out}: {count} cells")
         return
     part = a.part or Part(0, 1)
     if a.step == "label":
-        summary = segment.label_part(a.prob, a.out, part, threads=a.threads, **settings)
+        summary = segment.label_part(a.prob, a.out, part, settings=chosen, pyramid_levels=a.pyramid_levels,
+                                     threads=a.threads)
     else:
-        store, _ = segment.open_store(a.prob, a.out, **settings)
+        store, _ = segment.open_store(a.prob, a.out, chosen, a.pyramid_levels)
         if a.step == "join":
-            summary = PartSummary(str(store.final), store.signature, "join",
-                                  extra=segment.join(store, a.connectivity))
+            summary = PartSummary(str(store.final), store.signature, "join", extra=segment.join(store, chosen))
         else:
             summary = segment.relabel_part(store, part, a.threads)
     summary.write(a.summary)
@@ -266,6 +286,7 @@ def cmd_segment(a):
 
 
 def cmd_pyramid(a):
+    """`unet-pipeline pyramid`: one pyramid level of a store being written (one part)."""
     from unet_pipeline.blockwise import PartialStore
     from unet_pipeline.geometry import Part
     from unet_pipeline.pyramid import pyramid_part
@@ -277,6 +298,7 @@ def cmd_pyramid(a):
 
 
 def cmd_finish(a):
+    """`unet-pipeline finish`: check, complete and publish a store written in parts."""
     from unet_pipeline.finish import finish_from_marker
 
     _use_threads(a.threads)
@@ -285,17 +307,22 @@ def cmd_finish(a):
 
 
 def cmd_evaluate(a):
+    """`unet-pipeline evaluate`: ISBI 2012 metrics of a probability map and of a written segmentation."""
     from unet_pipeline.config import parse_slices
     from unet_pipeline.evaluate import evaluate, open_stack
 
     n = open_stack(a.labels).shape[0]
     slices = parse_slices(_json(a.slices, "--slices") if a.slices.startswith("[") else a.slices, n, "--slices")
     summary = evaluate(a.prob, a.labels, slices, a.out_json, a.out_slices, a.out_curves, a.out_plot, a.processes,
-                       a.membrane_probability, a.kind)
-    print(json.dumps({k: summary[k] for k in ("pixel_error", "rand_error", "warping_error", "v_rand", "v_info")}))
+                       a.membrane_probability, a.kind, a.segmentation)
+    names = ("pixel_error", "rand_error", "warping_error", "v_rand", "v_info")
+    for scored in ("probability_map", "segmentation"):
+        if scored in summary:
+            print(scored, json.dumps({k: round(summary[scored][k], 6) for k in names}))
 
 
 def cmd_report(a):
+    """`unet-pipeline report`: the Markdown report."""
     from unet_pipeline.report import write_report
 
     bad = [item for item in a.metrics if "=" not in item]
@@ -306,7 +333,15 @@ def cmd_report(a):
     print(f"report: {a.out}")
 
 
+def cmd_view(a):
+    """`unet-pipeline view`: raw, probabilities and segmentation of a dataset in neuroglancer, served locally."""
+    from unet_pipeline.view import serve
+
+    serve(a.results, a.port, open_browser=not a.no_browser)
+
+
 def cmd_validate_config(a):
+    """`unet-pipeline validate-config`: check config files and the stacks they name."""
     from unet_pipeline.config import check_sources, load_config
 
     config = load_config(*a.files)
@@ -420,7 +455,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--step", default="all", choices=("all", "label", "join", "relabel"),
                    help="all (default), or one step of the workflow's jobs: label blocks (parts), join labels "
                         "across block faces (one job), relabel blocks (parts)")
-    s.add_argument("--threshold", type=float, default=d("segment.threshold"))
+    s.add_argument("--method", default=d("segment.method"), choices=schema.choices("segment.method"))
+    s.add_argument("--threshold", type=_auto_or(float), default=d("segment.threshold"),
+                   help="cell where p > threshold, or auto (chosen on validation slices: --calibration)")
+    s.add_argument("--seed-threshold", type=_auto_or(float), default=d("segment.watershed.seed_threshold"))
+    s.add_argument("--min-seed-px", type=_auto_or(int), default=d("segment.watershed.min_seed_px"))
+    s.add_argument("--calibration", help="the model's segmentation.json: the settings chosen on validation slices")
     s.add_argument("--connectivity", default=d("segment.connectivity"), choices=schema.choices("segment.connectivity"))
     levels(s)
     threads(s)
@@ -445,6 +485,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("evaluate", help="ISBI 2012 metrics on test slices")
     s.add_argument("--prob", required=True, help="probability OME-Zarr, or any TIFF/Zarr stack")
     s.add_argument("--labels", required=True, help="labels OME-Zarr or TIFF/Zarr stack (255 = cell)")
+    s.add_argument("--segmentation", help="also score this label image as written (labels as labels)")
     s.add_argument("--slices", default="all")
     s.add_argument("--out-json", required=True)
     s.add_argument("--out-slices", required=True)
@@ -463,6 +504,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--example", help="JSON {dataset, raw, prob, seg, slice}")
     s.set_defaults(func=cmd_report)
 
+    s = sub.add_parser("view", help="look at a dataset's results in neuroglancer (served on 127.0.0.1)")
+    s.add_argument("results", help="a dataset's results folder, e.g. results/<dataset>")
+    s.add_argument("--port", type=int, default=8765, help="port on 127.0.0.1 (0: any free one)")
+    s.add_argument("--no-browser", action="store_true", help="only print the link (e.g. on a remote node)")
+    s.set_defaults(func=cmd_view)
+
     s = sub.add_parser("validate-config", help="check config files against the schema and the stacks' headers")
     s.add_argument("files", nargs="+")
     s.set_defaults(func=cmd_validate_config)
@@ -470,6 +517,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand; 0 on success, 2 with one sentence on stderr for a user's error."""
     prefer_sleeping_openmp_threads()  # before torch is imported
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     args = build_parser().parse_args(argv)

@@ -187,6 +187,7 @@ def load_config(*paths: str | Path, overrides: dict | None = None) -> dict:
 
 
 def deep_merge(base: dict, extra: dict) -> dict:
+    """`extra` merged into a copy of `base`, mappings key by key (later config files win)."""
     out = copy.deepcopy(base)
     for key, value in extra.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):

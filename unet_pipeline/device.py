@@ -21,6 +21,7 @@ PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
 
 def resolve_device(name: str = "auto") -> torch.device:
+    """The torch device of a `device` setting: `auto` is CUDA when present, else the CPU."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():

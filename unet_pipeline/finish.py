@@ -43,9 +43,10 @@ def finish_store(store: PartialStore, first_unbuilt_level: int, threads: int) ->
     module, function = FINISHERS[partial["kind"]]
     attrs = getattr(importlib.import_module(module), function)(store, records)
     levels = levels_of(store)
-    stores.write_ngff(store.group(), levels, partial["voxel_size"], partial["name"], partial["averaged"],
-                      partial.get("label_source"))
+    stores.write_ngff(store.group(), levels, partial["voxel_size"], partial["name"], partial.get("label_source"))
     final = store.publish({**attrs, "levels": len(levels)})
+    if partial.get("label_source"):
+        stores.mark_results_folder(final)
     log.info("%s: complete (%d pyramid levels below level 0)", final, len(levels) - 1)
     return final
 

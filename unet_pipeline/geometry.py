@@ -52,6 +52,7 @@ class UNetConfig:
             raise ConfigError(f"model.dropout must lie in [0, 1), got {self.dropout}")
 
     def to_dict(self) -> dict:
+        """The hyper-parameters as plain data (stored in checkpoints)."""
         return asdict(self)
 
     @property
@@ -72,6 +73,7 @@ class UNetConfig:
         return 4 if self.depth >= 2 else 2
 
     def is_valid_output_size(self, output_size: int) -> bool:
+        """Whether an output side is one the network produces exactly (`min_output_size` + k * `size_step`)."""
         return output_size >= self.min_output_size and (output_size - self.min_output_size) % self.size_step == 0
 
     def input_size(self, output_size: int, key: str = "tile_size") -> int:
@@ -150,11 +152,13 @@ class Box:
         return Box(tuple(max(0, a) for a in self.start), tuple(min(b, n) for b, n in zip(self.stop, shape)))
 
     def intersect(self, other: "Box") -> "Box | None":
+        """The overlap of two boxes, or None where they do not overlap."""
         start = tuple(max(a, b) for a, b in zip(self.start, other.start))
         stop = tuple(min(a, b) for a, b in zip(self.stop, other.stop))
         return Box(start, stop) if all(s < e for s, e in zip(start, stop)) else None
 
     def relative_to(self, origin: Sequence[int]) -> "Box":
+        """The same box in coordinates whose zero is `origin`."""
         return Box(tuple(a - o for a, o in zip(self.start, origin)), tuple(b - o for b, o in zip(self.stop, origin)))
 
     @classmethod
@@ -190,11 +194,13 @@ class BlockGrid:
         return math.prod(self.grid_shape)
 
     def box(self, index: Index) -> Box:
+        """The voxels of block `index` (cut at the volume's far edges)."""
         start = tuple(i * c for i, c in zip(index, self.block))
         stop = tuple(min(s + c, n) for s, c, n in zip(start, self.block, self.shape))
         return Box(start, stop)
 
     def indices(self) -> Iterator[Index]:
+        """Every block index, in grid (z, y, x) order."""
         return itertools.product(*(range(g) for g in self.grid_shape))
 
     def touching(self, box: Box) -> Iterator[Index]:
@@ -247,6 +253,7 @@ class Part:
         return f"{self.index}/{self.count}"
 
     def of(self, items: Sequence) -> list:
+        """This job's contiguous share of `items` (shares of all jobs cover them once, in order)."""
         n = len(items)
         return list(items[self.index * n // self.count:(self.index + 1) * n // self.count])
 
@@ -288,17 +295,16 @@ class Level:
         return tuple(f // p for f, p in zip(self.factor, previous.factor))
 
     def scale(self, voxel_size: Sequence[float]) -> list[float]:
+        """The level's voxel size in physical units, for NGFF's coordinateTransformations."""
         return [float(v) * f for v, f in zip(voxel_size, self.factor)]
 
-    def translation(self, voxel_size: Sequence[float], averaged: bool) -> list[float]:
+    def translation(self, voxel_size: Sequence[float]) -> list[float]:
         """Where voxel 0's centre lies, in physical units, for NGFF's coordinateTransformations.
 
-        A level made by averaging f voxels has its first voxel's centre
-        (f - 1) / 2 level-0 voxels in; one made by taking every f-th voxel
-        (labels) is centred on level-0 voxel 0, so needs no translation.
+        A coarse voxel stands for the f level-0 voxels it was made from (their
+        mean, or their most frequent label), so its centre lies (f - 1) / 2
+        level-0 voxels in, and the level covers exactly what level 0 covers.
         """
-        if not averaged:
-            return [0.0] * len(self.factor)
         return [float(v) * (f - 1) / 2 for v, f in zip(voxel_size, self.factor)]
 
 

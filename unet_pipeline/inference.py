@@ -114,6 +114,7 @@ class Predictor:
 
     @property
     def cfg(self) -> UNetConfig:
+        """The network's hyper-parameters (and so its tile geometry)."""
         return self.model.cfg
 
     @property

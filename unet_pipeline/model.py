@@ -80,6 +80,7 @@ class UNet(nn.Module):
                     nn.init.zeros_(m.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-class logits of the output tile for input tiles x (n, 1, H, W)."""
         skips = []
         for block in self.down:
             x = block(x)
@@ -97,4 +98,5 @@ class UNet(nn.Module):
 
 
 def count_conv_layers(model: nn.Module) -> int:
+    """Convolutional layers (transposed ones included) of a network: 23 for the paper's U-Net."""
     return sum(isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)) for m in model.modules())

@@ -60,6 +60,7 @@ class Normaliser:
 
     @classmethod
     def from_attrs(cls, attrs: dict, where: str = "") -> "Normaliser":
+        """The normalisation a raw store recorded; InputError naming `where` if it recorded none."""
         stats = attrs.get("normalisation")
         if not stats:
             raise InputError(f"{where}: no normalisation statistics in the attributes; rerun preprocess.")

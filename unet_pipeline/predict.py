@@ -89,10 +89,10 @@ class StripReader:
 
     Strips arrive in increasing y within a z range; the rows a later strip
     still needs (its context margin reaches back into this one) are kept, and
-    only new rows are read, always whole input chunks, so no chunk is decoded
-    twice. Reads go through `stores.StoreImage`, so a missing or damaged file
-    of the raw image is an error naming it. Memory: a strip's rows across
-    the slice width.
+    only new rows are read, always whole rows of the input's blocks (shards),
+    so no chunk is decoded twice and shards are decoded whole (the fast,
+    checksum-checked path of `stores.StoreImage`; a missing or damaged file
+    is an error naming it). Memory: about two block rows across the width.
     """
 
     def __init__(self, image: stores.StoreImage):
@@ -108,7 +108,7 @@ class StripReader:
         `convert(source, destination)` copies (and may normalise) one block of it.
         """
         _, height, width = self.image.shape
-        row_chunk = self.image.chunks[1]
+        row_chunk, block_rows = self.image.chunks[1], self.image.grid.block[1]
         z = (box.start[0], box.stop[0])
         iy = mirror_indices(box.start[1], box.stop[1], height)
         lo, hi = int(iy.min()), int(iy.max()) + 1
@@ -117,7 +117,7 @@ class StripReader:
             self._z, self._y0, self._y1 = z, first_row, first_row
             self._rows = np.empty((z[1] - z[0], 0, width), self.image.dtype)
         if hi > self._y1:
-            stop = min(height, -(-hi // row_chunk) * row_chunk)
+            stop = min(height, -(-hi // block_rows) * block_rows)
             fresh = self.image.read(Box((z[0], self._y1, 0), (z[1], stop, width)))
             self.voxels_read += fresh.size
             self._rows = np.concatenate([self._rows[:, first_row - self._y0:], fresh], axis=1)
@@ -144,6 +144,7 @@ class HostBuffers:
             self._free.put([torch.empty(0, dtype=torch.uint8), None])
 
     def take(self, shape, dtype: torch.dtype) -> tuple[list, torch.Tensor]:
+        """A free buffer as a tensor of `shape` and `dtype` (blocks until one is given back)."""
         slot = self._free.get()
         base, event = slot
         if event is not None:
@@ -154,6 +155,7 @@ class HostBuffers:
         return slot, base[:nbytes].view(dtype).view(tuple(shape))
 
     def give(self, slot: list, event=None) -> None:
+        """Hand a buffer back; on CUDA, its next user first waits for `event` (the copy using it)."""
         slot[1] = event
         self._free.put(slot)
 
@@ -331,6 +333,7 @@ class _Pipeline:
 
     # -- stage 2: the device feeder
     def run(self) -> None:
+        """Predict every pending block: the reader thread feeds strips, the caller runs the network."""
         ready: queue.Queue = queue.Queue(maxsize=READ_AHEAD)
         reader = threading.Thread(target=self._read_all, args=(ready,), daemon=True, name="predict-reader")
         reader.start()
@@ -448,7 +451,7 @@ def predict_part(predictor: Predictor, raw_path: str | os.PathLike, out_path: st
                                       predictor.tile_size, tta, precision, pyramid_levels)
     store = PartialStore.open(out_path, signature, image_builder(
         raw.shape, out_dtype, chunks, chunks_per_file, stores.fast_compressor(), voxel, pyramid_levels,
-        kind="probabilities", name="cell_probability", averaged=True))
+        kind="probabilities", name="cell_probability", downsampling="mean"))
     grid = stores.block_grid(store.array("0", "r"))
     mine = part.of(grid.strips(z_align=raw.chunks[0], max_width=STRIP_WIDTH_PX))
     pending = pending_strips(mine, store.finished("0"))

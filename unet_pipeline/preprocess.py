@@ -62,6 +62,7 @@ def _block_of(index, strip_input, grid) -> np.ndarray:
 
 # --------------------------------------------------------------------------- raw
 def raw_signature(source_path, shape, dtype, chunks, chunks_per_file, voxel_size, pyramid_levels) -> dict:
+    """Everything that shapes a raw store: the source (path and sampled content) and the layout."""
     return {"kind": "raw", "source": str(Path(source_path).resolve()), "source_signature":
             sources.signature(source_path), "shape": list(shape), "dtype": str(dtype), "chunks": list(chunks),
             "chunks_per_file": list(chunks_per_file), "voxel_size": list(voxel_size),
@@ -77,7 +78,7 @@ def raw_part(source_path: str | os.PathLike, out: str | os.PathLike, part: Part,
                               pyramid_levels)
     store = PartialStore.open(out, signature, image_builder(
         source.shape, source.dtype, chunks, chunks_per_file, stores.compressor(), voxel, pyramid_levels,
-        kind="raw", name="raw", averaged=True))
+        kind="raw", name="raw", downsampling="mean"))
     grid = stores.block_grid(store.array("0", "r"))
     total = int(np.prod(source.shape))
     floating = np.issubdtype(source.dtype, np.floating)
@@ -149,7 +150,7 @@ def labels_part(labels_path: str | os.PathLike, raw_path: str | os.PathLike, out
                  "voxel_size": list(voxel), "pyramid_levels": pyramid_levels, "layout": LAYOUT_VERSION}
     store = PartialStore.open(out, signature, image_builder(
         labels.shape, dtype, chunks, chunks_per_file, stores.compressor(), voxel, pyramid_levels,
-        kind="labels", name="labels", averaged=False))
+        kind="labels", name="labels", downsampling="mode"))
     grid = stores.block_grid(store.array("0", "r"))
 
     def compute(index, strip_input):
@@ -164,6 +165,7 @@ def labels_part(labels_path: str | os.PathLike, raw_path: str | os.PathLike, out
 
 
 def finish_labels(store: PartialStore, records: dict) -> dict:
+    """The label store's attributes: source, format, voxel size, fingerprint."""
     grid = stores.block_grid(store.array("0", "r"))
     signature = store.signature
     return {"source": signature["source"], "source_signature": signature["source_signature"],

@@ -30,12 +30,14 @@ class ContentHash:
         self._hash = hashlib.sha256()
 
     def update(self, array: np.ndarray) -> "ContentHash":
+        """Feed one array (its dtype and shape too); returns self."""
         array = np.ascontiguousarray(array)
         self._hash.update(f"{array.dtype.str}{array.shape}".encode())
         self._hash.update(memoryview(array).cast("B"))
         return self
 
     def hexdigest(self) -> str:
+        """The digest of everything fed so far."""
         return self._hash.hexdigest()
 
 

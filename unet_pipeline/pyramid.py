@@ -4,8 +4,10 @@ Level L+1 is made from level L: y and x halved at every level, z too once
 the voxels are about isotropic (`geometry.pyramid`), down to the level where
 a slice fits in one chunk, so a viewer zoomed out over a terabyte loads a few
 chunks per screen. Intensities and probabilities are averaged (edge voxels of
-odd sizes average what is there); labels take every second voxel, so that
-no label is invented. Each level-(L+1) block reads exactly the level-L
+odd sizes average what is there); labels take the most frequent label of
+each group, so that no label is invented. Either way a coarse voxel is
+centred on the voxels it stands for (NGFF translation), so every level
+covers exactly what level 0 covers. Each level-(L+1) block reads exactly the level-L
 region below it, so a level's blocks are independent: jobs split them as
 they split level 0 (`pyramid_part`), and the small coarse levels are built by
 the store's finishing job (`build_levels`).
@@ -35,7 +37,7 @@ def plan(shape, chunks, voxel_size, max_levels) -> list[Level]:
 
 
 def image_builder(shape, dtype, chunks, chunks_per_file, codecs, voxel_size, max_levels, *, kind: str, name: str,
-                  averaged: bool, label_source: str | None = None, attrs: dict | None = None):
+                  downsampling: str, label_source: str | None = None, attrs: dict | None = None):
     """How a block-wise stage's partial store is created: an empty array per pyramid level, and what
     the finishing job needs to know (the kind of store, its NGFF name, mean or stride levels, voxel size).
     """
@@ -45,7 +47,7 @@ def image_builder(shape, dtype, chunks, chunks_per_file, codecs, voxel_size, max
         for i, level in enumerate(levels):
             stores.create_array(group, str(i), level.shape, dtype, chunks, chunks_per_file, codecs)
         group.attrs["partial"] = {
-            "kind": kind, "name": name, "averaged": averaged, "label_source": label_source,
+            "kind": kind, "name": name, "downsampling": downsampling, "label_source": label_source,
             "voxel_size": [float(v) for v in voxel_size], **(attrs or {}),
             "levels": [{"shape": list(level.shape), "factor": list(level.factor)} for level in levels],
         }
@@ -53,17 +55,24 @@ def image_builder(shape, dtype, chunks, chunks_per_file, codecs, voxel_size, max
     return build
 
 
-def downsample(data: np.ndarray, step: tuple[int, ...], averaged: bool, dtype) -> np.ndarray:
-    """One level down: the mean of each 1x2x2 (or 2x2x2) group, or its first voxel for labels.
+def downsample(data: np.ndarray, step: tuple[int, ...], how: str, dtype) -> np.ndarray:
+    """One level down: the mean ("mean") or the most frequent label ("mode") of each 1x2x2 (or 2x2x2) group.
 
-    Odd sizes round up: an edge group averages the voxels it has (the edge
-    voxel is repeated), so every level covers the whole volume.
+    Odd sizes round up: an edge group uses the voxels it has (the edge voxel
+    is repeated), so every level covers the whole volume. A tie between
+    labels goes to the first in raster order within the group.
     """
-    if not averaged:
-        return np.ascontiguousarray(data[tuple(slice(None, None, s) for s in step)]).astype(dtype, copy=False)
     pad = [(0, (-n) % s) for n, s in zip(data.shape, step)]
     if any(p for _, p in pad):
         data = np.pad(data, pad, mode="edge")
+    if how == "mode":
+        candidates = [data[tuple(slice(o, None, s) for o, s in zip(offset, step))] for offset in np.ndindex(*step)]
+        votes = [sum((c == other).astype(np.uint8) for other in candidates) for c in candidates]
+        best, best_votes = candidates[0].copy(), votes[0]
+        for c, v in zip(candidates[1:], votes[1:]):
+            better = v > best_votes
+            best[better], best_votes = c[better], np.maximum(best_votes, v)
+        return np.ascontiguousarray(best).astype(dtype, copy=False)
     out = None
     for offset in np.ndindex(*step):
         part = data[tuple(slice(o, None, s) for o, s in zip(offset, step))]
@@ -83,14 +92,14 @@ def pyramid_part(store: PartialStore, level: int, part: Part, threads: int) -> P
     source = store.array(str(level - 1), "r")
     target = store.array(str(level), "r")
     step = levels[level].step_from(levels[level - 1])
-    averaged = bool(store.group("r").attrs["partial"]["averaged"])
+    how = store.group("r").attrs["partial"]["downsampling"]
     grid = stores.block_grid(target)
 
     def compute(index, _):
         box = grid.box(index)
         below = Box(tuple(a * s for a, s in zip(box.start, step)),
                     tuple(min(b * s, n) for b, s, n in zip(box.stop, step, source.shape)))
-        return downsample(np.asarray(source[below.slices]), step, averaged, target.dtype), {}
+        return downsample(np.asarray(source[below.slices]), step, how, target.dtype), {}
 
     # Blocks read their own region below (no strip shares input), so strips are only the order of work.
     return run_part(store, str(level), grid, grid.strips(), part, f"level-{level}", lambda strip: None, compute,

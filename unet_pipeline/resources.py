@@ -37,8 +37,9 @@ def predict_buffer_bytes(shape, itemsize: int, block, margin: int, tile: int, wr
 
     A strip spans at most STRIP_WIDTH_PX of the slice width and one block row
     (plus the context margin and a tile of rounding); its raw rows are read
-    across the whole width (a chunk is decoded once) and held twice while
-    the next rows are appended; READ_AHEAD + 1 float32 regions of a strip
+    across the whole width in whole block rows (a chunk is decoded once, a
+    shard whole), up to two block rows kept and held twice while the next are
+    appended; READ_AHEAD + 1 float32 regions of a strip
     are in flight; blocks (at most one shard each) are held as float32
     buffers (one being filled, a few spare) and as 2 x writers encoded copies.
     Memory never grows with the number of slices or rows; with the width only
@@ -47,7 +48,7 @@ def predict_buffer_bytes(shape, itemsize: int, block, margin: int, tile: int, wr
     height = block[1] + 2 * margin + tile
     width = min(shape[2], max(STRIP_WIDTH_PX, block[2])) + 2 * margin + tile
     region = block[0] * height * width * 4
-    rows = 2 * block[0] * height * shape[2] * itemsize
+    rows = 2 * block[0] * (block[1] + height) * shape[2] * itemsize
     voxels = math.prod(block)
     return (READ_AHEAD + 1) * region + rows + 4 * voxels * 4 + 2 * writers * voxels * out_itemsize
 
@@ -110,6 +111,7 @@ class Planner:
 
     # -- layout
     def grid(self, section: str) -> BlockGrid:
+        """The block grid of a store laid out by the config section (`preprocess` or `predict`)."""
         layout = self.config[section]
         chunks = clip_chunks(layout["chunks"], self.shape)
         return BlockGrid(self.shape, shard_shape(self.shape, chunks, layout["chunks_per_file"]))
@@ -117,11 +119,12 @@ class Planner:
     def _strips(self, grid: BlockGrid, z_align: int = 1) -> int:
         return len(grid.strips(z_align, STRIP_WIDTH_PX))
 
-    def _check(self, what: str, job: Job, parts_key: str) -> Job:
+    def _check(self, what: str, job: Job, parts_key: str | None) -> Job:
         if job.runtime > self.max_minutes:
+            remedy = f"raise {parts_key} (or set it to auto)" if parts_key else "lower cluster.job_minutes"
             raise ConfigError(
                 f"{what}: one job would need {job.runtime} min, more than cluster.max_job_minutes "
-                f"({self.max_minutes:g}); raise {parts_key} (or leave it at auto and lower cluster.job_minutes)")
+                f"({self.max_minutes:g}); {remedy}")
         if job.mem_mb > self.max_mem:
             raise ConfigError(
                 f"{what}: one job would need {job.mem_mb} MB, more than cluster.max_job_mem_mb ({self.max_mem}); "
@@ -142,6 +145,7 @@ class Planner:
 
     # -- stages
     def preprocess(self, itemsize: int, what: str) -> StagePlan:
+        """The parts that copy a stack of `itemsize` bytes per voxel into its store."""
         grid = self.grid("preprocess")
         block = math.prod(grid.block)
         # two strips in flight, each block copied once more, per thread a block's statistics in float64 pieces
@@ -150,6 +154,7 @@ class Planner:
                            self.speed["preprocess"], self.cpu_threads, mem)
 
     def predict(self) -> StagePlan:
+        """The prediction's parts (GPU jobs)."""
         pred = self.config["predict"]
         grid = self.grid("predict")
         margin = UNetConfig(**self.config["model"]).context_margin
@@ -160,6 +165,7 @@ class Planner:
                            TORCH_FRAMEWORK_MB, z_align=self.config["preprocess"]["chunks"][0])
 
     def segment(self) -> StagePlan:
+        """The segmentation's label and relabel parts (a watershed block reads a halo around it)."""
         grid = self.grid("predict")  # the segmentation keeps the probability map's layout
         # per thread: a block of probabilities as float32, the foreground, int32 labels and scipy's scratch
         mem = self.cpu_threads * 16 * math.prod(grid.block)
@@ -172,7 +178,7 @@ class Planner:
         face_voxels = sum(self.voxels // self.shape[a] for a in (1, 2)) * 2 * max(1, grid.grid_shape[1])
         return self._check("segment join", Job(1, FRAMEWORK_MB + math.ceil(2 * face_voxels / MB),
                                                START_MINUTES + math.ceil(face_voxels / (50 * MB) / 60)),
-                           "segment.parts")
+                           None)
 
     def store(self, section: str, write: StagePlan, itemsize: int, what: str) -> StorePlan:
         """Level 0 as planned, then the pyramid: levels of more than one job's work get jobs, the rest the finisher."""
@@ -182,14 +188,15 @@ class Planner:
                          None if setting == "auto" else int(setting))
         plan = StorePlan(write, levels=len(levels))
         speed = self.speed["pyramid"]
-        remaining = 0
+        remaining, longest = 0, 0
         for below, level in zip(levels, levels[1:]):
-            work = int(np.prod(below.shape))
+            work = int(np.prod(below.shape))  # a level reads every voxel of the level below
             grid = BlockGrid(level.shape, shard_shape(level.shape, clip_chunks(layout["chunks"], level.shape),
                                                       layout["chunks_per_file"]))
             parts = parts_for(work, speed * MB * self.job_minutes * 60, self._strips(grid))
             if parts > 1 and not remaining:
                 plan.pyramid_parts.append(parts)
+                longest = max(longest, math.ceil(work / parts))
             else:
                 remaining += work
         block = math.prod(self.grid(section).block)
@@ -198,12 +205,11 @@ class Planner:
             plan.pyramid_job = self._check(
                 f"{what} pyramid", Job(self.cpu_threads, FRAMEWORK_MB + math.ceil(MARGIN * self.cpu_threads *
                                                                                    per_thread / MB),
-                                       _runtime(max(int(np.prod(levels[0].shape)) / p for p in plan.pyramid_parts),
-                                                speed)), "cluster.job_minutes")
+                                       _runtime(longest, speed)), None)
         plan.finish = self._check(
             f"{what} finish", Job(self.cpu_threads, FRAMEWORK_MB + math.ceil(MARGIN * self.cpu_threads * per_thread
                                                                              / MB) + 200,
-                                  _runtime(remaining, speed)), "cluster.job_minutes")
+                                  _runtime(remaining, speed)), None)
         return plan
 
     def _voxel_size(self) -> list[float]:

@@ -57,6 +57,7 @@ def dataset_key(key: str) -> dict:
 
 
 def synthetic_defaults() -> dict:
+    """The defaults of a synthetic stack's spec (`synthetic.<name>`)."""
     props = _loaded()["$defs"]["synthetic_stack"]["properties"]
     return {k: copy.deepcopy(v["default"]) for k, v in props.items() if "default" in v}
 

@@ -41,6 +41,7 @@ NM_PER_UNIT = {"nm": 1.0, "nanometer": 1.0, "nanometre": 1.0, "um": 1e3, "µm": 
 
 
 def is_zarr(path: Path) -> bool:
+    """Whether a path is a Zarr store (by suffix or by its metadata file), not a TIFF or a folder of TIFFs."""
     return path.suffix == ".zarr" or (path / "zarr.json").exists() or (path / ".zarray").exists() \
         or (path / ".zgroup").exists()
 
@@ -118,6 +119,7 @@ class StackSource:
 
     @property
     def header(self) -> Header:
+        """What the source says about itself: shape, dtype, recorded voxel size."""
         return Header(self.shape, self.dtype, self.voxel_size_nm)
 
     def __len__(self) -> int:
@@ -147,6 +149,7 @@ class StackSource:
                 from None
 
     def slice(self, z: int) -> np.ndarray:
+        """Slice `z` as a 2D array."""
         return self.read(Box((z, 0, 0), (z + 1, *self.shape[1:])))[0]
 
     def __getitem__(self, z: int) -> np.ndarray:
@@ -154,6 +157,7 @@ class StackSource:
         return self.slice(z)
 
     def slices(self):
+        """Every slice in order, one at a time."""
         for z in range(len(self)):
             yield self.slice(z)
 
@@ -365,6 +369,7 @@ def _sign_zarr(path: Path, digest) -> None:
 
 
 def describe_voxel_size(voxel: tuple) -> str:
+    """A voxel size for the log, '?' where unknown: e.g. '50 x 4 x 4 nm'."""
     return " x ".join("?" if v is None else f"{v:g}" for v in voxel) + " nm"
 
 

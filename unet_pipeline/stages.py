@@ -45,6 +45,7 @@ def _join(*pairs) -> str:
 
 
 def synth(config: dict, name: str) -> str:
+    """Size, seed and cell size of synthetic stack `name`."""
     spec = config["synthetic"][name]
     return _join(("--slices", spec["slices"]), ("--shape", spec["shape"]), ("--seed", spec["seed"]),
                  ("--cell-diameter-px", spec["cell_diameter_px"]))
@@ -74,6 +75,7 @@ def preprocess(config: dict, dataset: str) -> str:
 
 
 def preprocess_labels(config: dict, dataset: str) -> str:
+    """The raw store's layout and voxel size, and how the labels are written (binary or instances)."""
     return f"{preprocess(config, dataset)} {_join(('--label-format', config['datasets'][dataset]['label_format']))}"
 
 
@@ -93,6 +95,7 @@ def source_identity(config: dict, path: str) -> str:
 
 
 def weights(config: dict, dataset: str) -> str:
+    """The weight map's w0 and sigma (paper, Eq. 2) and how to read the labels."""
     w = config["weights"]
     return _join(("--w0", w["w0"]), ("--sigma-px", w["sigma_px"]),
                  ("--label-format", config["datasets"][dataset]["label_format"]),
@@ -116,6 +119,7 @@ def training_config(config: dict) -> dict:
 
 
 def train(config: dict) -> str:
+    """The training datasets (paths and slices), the model and train sections, and the resolved config."""
     results = config["results_dir"]
     datasets = [
         {"name": n, "raw": f"{results}/{n}/raw.ome.zarr", "labels": f"{results}/{n}/labels.ome.zarr",
@@ -144,12 +148,16 @@ def predict_speed(config: dict) -> dict:
 
 
 def segment(config: dict) -> str:
+    """The segmentation method and its parameters (`auto` ones come from the model's segmentation.json)."""
     seg = config["segment"]
-    return _join(("--threshold", seg["threshold"]), ("--connectivity", seg["connectivity"]),
+    return _join(("--method", seg["method"]), ("--threshold", seg["threshold"]),
+                 ("--seed-threshold", seg["watershed"]["seed_threshold"]),
+                 ("--min-seed-px", seg["watershed"]["min_seed_px"]), ("--connectivity", seg["connectivity"]),
                  ("--pyramid-levels", config["pyramid"]["levels"]))
 
 
 def evaluate(config: dict, dataset: str) -> str:
+    """The dataset's test slices and the processes that score them."""
     slices = config["datasets"][dataset]["test"]
     return _join(("--slices", json.dumps(slices) if isinstance(slices, list) else slices),
                  ("--processes", config["evaluate"]["processes"]))

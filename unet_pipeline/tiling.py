@@ -81,6 +81,7 @@ class TilePlan:
 
     @classmethod
     def make(cls, region: Box, cfg: UNetConfig, tile_size: int) -> "TilePlan":
+        """The tiles (at most `tile_size` of output each) that cover `region` once, and what they read."""
         margin = cfg.context_margin
         ys = tile_axis(region.start[1], region.stop[1], tile_size, cfg)
         xs = tile_axis(region.start[2], region.stop[2], tile_size, cfg)

@@ -170,7 +170,7 @@ def write_weights(labels_path, out_path, *, w0: float, sigma_px: float, label_fo
                  "pyramid_levels": pyramid_levels}
     store = PartialStore.open(out_path, signature, image_builder(
         labels.shape, np.float32, labels.chunks, stores.chunks_per_file(labels.array), stores.compressor(),
-        stores.voxel_size(labels_path), pyramid_levels, kind="weights", name="weights", averaged=True))
+        stores.voxel_size(labels_path), pyramid_levels, kind="weights", name="weights", downsampling="mean"))
     grid = stores.block_grid(store.array("0", "r"))
     layers = {}
     for index in grid.indices():
@@ -198,6 +198,7 @@ def write_weights(labels_path, out_path, *, w0: float, sigma_px: float, label_fo
 
 
 def finish_weights(store, records: dict) -> dict:
+    """The weight store's attributes: what the map was computed from, and with which settings."""
     from unet_pipeline.provenance import KEY, derive_fingerprint
 
     signature = store.signature
