@@ -58,7 +58,9 @@ def replace(source: Path, target: Path) -> None:
     target is first renamed aside (atomically) and removed afterwards: a
     reader sees the old output or the new one, never a mixture.
     """
-    if target.exists() or target.is_symlink():
+    if not source.is_dir():
+        os.replace(source, target)  # a file replaces a file atomically: readers see one or the other
+    elif target.exists() or target.is_symlink():
         aside = temporary_sibling(target, "old")
         os.replace(target, aside)
         os.replace(source, target)
@@ -68,26 +70,8 @@ def replace(source: Path, target: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary sibling directory that replaces `target` only on success."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_sibling(target)
-    try:
-        with naming_errors(target):
-            yield tmp
-        replace(tmp, target)
-    finally:
-        remove(tmp)
-
-
-@contextlib.contextmanager
-def atomic_file(target: str | os.PathLike, durable: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling path; on success it replaces `target`, so readers see all or nothing.
-
-    `durable` fsyncs the file before the rename, for writes whose completion
-    is recorded elsewhere (a checkpoint).
-    """
+def _swapped_in(target: str | os.PathLike, durable: bool) -> Iterator[Path]:
+    """A temporary sibling of `target` that replaces it only when the block ends without an error."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_sibling(target)
@@ -96,9 +80,23 @@ def atomic_file(target: str | os.PathLike, durable: bool = False) -> Iterator[Pa
             yield tmp
             if durable:
                 fsync(tmp)
-        os.replace(tmp, target)
+        replace(tmp, target)
     finally:
-        tmp.unlink(missing_ok=True)
+        remove(tmp)
+
+
+def atomic_directory(target: str | os.PathLike):
+    """Yield a temporary sibling directory that replaces `target` only on success."""
+    return _swapped_in(target, durable=False)
+
+
+def atomic_file(target: str | os.PathLike, durable: bool = False):
+    """Yield a temporary sibling path; on success it replaces `target`, so readers see all or nothing.
+
+    `durable` fsyncs the file before the rename, for writes whose completion
+    is recorded elsewhere (a checkpoint).
+    """
+    return _swapped_in(target, durable)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

@@ -137,6 +137,19 @@ def _report(summary, what: str) -> None:
           f"({summary.seconds:.1f} s)")
 
 
+def _after_part(a, summary, what: str) -> None:
+    """Write the part's summary; without --part (the whole stage ran here) also publish the store."""
+    from unet_pipeline.blockwise import PartialStore
+    from unet_pipeline.finish import finish_store
+
+    summary.write(a.summary)
+    if a.part is None:
+        finish_store(PartialStore(Path(a.out), summary.signature), 1, a.threads)
+        print(f"wrote {a.out}")
+    else:
+        _report(summary, f"{what} part {a.part}")
+
+
 # --------------------------------------------------------------------------- stages
 def cmd_synth(a):
     """`unet-pipeline synth`: generate a synthetic EM-like stack and its exact labels as TIFFs."""
@@ -154,8 +167,6 @@ def cmd_synth(a):
 
 def cmd_preprocess(a):
     """`unet-pipeline preprocess`: a raw or label stack into its OME-Zarr store (one part, or all and the finished store)."""
-    from unet_pipeline.blockwise import PartialStore
-    from unet_pipeline.finish import finish_store
     from unet_pipeline.geometry import Part
     from unet_pipeline.preprocess import labels_part, raw_part
 
@@ -167,12 +178,7 @@ def cmd_preprocess(a):
         summary = labels_part(a.labels, a.raw, a.out, part, label_format=a.label_format, **common)
     else:
         summary = raw_part(a.raw, a.out, part, **common)
-    summary.write(a.summary)
-    if a.part is None:
-        finish_store(PartialStore(Path(a.out), summary.signature), 1, a.threads)
-        print(f"wrote {a.out}")
-    else:
-        _report(summary, f"preprocess part {part}")
+    _after_part(a, summary, "preprocess")
 
 
 def cmd_weights(a):
@@ -232,8 +238,6 @@ def cmd_predict(a):
     """`unet-pipeline predict`: the probability map of a raw store (one part, or all and the finished store)."""
     import torch
 
-    from unet_pipeline.blockwise import PartialStore
-    from unet_pipeline.finish import finish_store
     from unet_pipeline.geometry import Part, UNetConfig
     from unet_pipeline.inference import load_predictor
     from unet_pipeline.predict import predict_part
@@ -249,12 +253,7 @@ def cmd_predict(a):
                            chunks_per_file=a.chunks_per_file, out_dtype=a.dtype, tta=_tta(a.tta),
                            precision=a.precision, pyramid_levels=a.pyramid_levels, writers=a.writers,
                            progress=not a.no_progress)
-    summary.write(a.summary)
-    if a.part is None:
-        finish_store(PartialStore(Path(a.out), summary.signature), 1, a.threads)
-        print(f"wrote {a.out}")
-    else:
-        _report(summary, f"predict part {part}")
+    _after_part(a, summary, "predict")
 
 
 def cmd_segment(a):
