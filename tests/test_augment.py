@@ -30,10 +30,11 @@ def test_elastic_displacements_have_the_papers_scale():
     gen = torch.Generator().manual_seed(1)
     grids = sampling_grid(200, 3, (1000, 1000), cfg, gen)
     plain = sampling_grid(200, 3, (1000, 1000), AugmentConfig(enabled=False), torch.Generator().manual_seed(1))
-    # Corner pixels of the tile sit on coarse grid points: displacement ~ N(0, 10 px).
-    centre_shift = grids[:, 1, 1] - grids[:, 1, 1].mean(0)
-    assert 6 < (grids[:, 0, 0] - grids[:, 1, 1] - (plain[:, 0, 0] - plain[:, 1, 1])).std().item() < 20
-    assert centre_shift.abs().max().item() > 0
+    # The 3 x 3 tile's pixels sit on the coarse grid points, each displaced by N(0, 10 px): a corner
+    # relative to the centre by the difference of two, std 10 sqrt(2), and on average not at all.
+    relative = grids[:, 0, 0] - grids[:, 1, 1] - (plain[:, 0, 0] - plain[:, 1, 1])
+    assert 10 < relative.std().item() < 18
+    assert relative.mean(0).abs().max().item() < 3  # 200 draws: the mean's own spread is about 1 px
 
 
 def test_sampling_is_deterministic_given_the_generator():

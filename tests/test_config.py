@@ -60,3 +60,30 @@ def test_slice_specs(spec, expected):
 def test_slices_beyond_the_stack_are_refused():
     with pytest.raises(ConfigError, match=r"slices \[7\] do not exist"):
         parse_slices("5-7", 7, "datasets.a.test")
+
+
+def test_validating_and_planning_load_no_torch():
+    # What the Snakefile imports to validate a config and plan the jobs (issue 18: 6 s of torch per snakemake call).
+    import subprocess
+    import sys
+
+    code = ("import unet_pipeline.config, unet_pipeline.resources, unet_pipeline.stages, unet_pipeline.sources; "
+            "from unet_pipeline.config import load_config; load_config(sys.argv[1])")
+    run = subprocess.run([sys.executable, "-X", "importtime", "-c", f"import sys; {code}",
+                          str(REPO / "config" / "config.yaml")], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    imported = [line.split("|")[-1].strip() for line in run.stderr.splitlines() if line.startswith("import time:")]
+    assert "unet_pipeline.config" in imported and not any(name.split(".")[0] == "torch" for name in imported)
+
+
+def test_deprecated_keys_still_work_with_a_warning(caplog):
+    cfg = _default()
+    cfg["predict"]["shards"] = 3
+    cfg["evaluate"] = {"workers": 4}
+    with caplog.at_level("WARNING"):
+        loaded = validate_config(cfg)
+    assert loaded["predict"]["parts"] == 3 and loaded["evaluate"]["processes"] == 4
+    assert "'predict.shards' is deprecated: it now reads 'predict.parts'" in caplog.text
+    cfg["predict"]["parts"] = 2
+    with pytest.raises(ConfigError, match="'predict.shards' .* and 'predict.parts' are both set"):
+        validate_config(cfg)

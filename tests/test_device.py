@@ -25,9 +25,14 @@ def test_fp32_on_cuda_turns_tf32_off_and_restores_the_settings():
     with ieee_fp32():
         assert (conv.fp32_precision, matmul.fp32_precision) == ("ieee", "ieee")
     assert (conv.fp32_precision, matmul.fp32_precision) == before
-    # autocast(cuda, None) is that context; a CPU needs none.
-    assert type(autocast(torch.device("cuda"), None)).__name__ == type(ieee_fp32()).__name__
-    assert type(autocast(torch.device("cpu"), None)).__name__ == "nullcontext"
+    # autocast(cuda, None) is that context; on a CPU fp32 changes nothing.
+    with autocast(torch.device("cuda"), None):
+        assert (conv.fp32_precision, matmul.fp32_precision) == ("ieee", "ieee")
+    with autocast(torch.device("cpu"), None):
+        assert (conv.fp32_precision, matmul.fp32_precision) == before
+        assert not torch.is_autocast_enabled("cpu")
+    with autocast(torch.device("cpu"), torch.bfloat16):
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
 
 
 def test_to_device_on_the_cpu_is_the_same_tensor():

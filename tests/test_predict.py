@@ -308,3 +308,68 @@ def test_predict_checks_the_training_config_stored_in_the_checkpoint(tmp_path, c
     assert "train.steps: 6 -> 8" in caplog.text
     with pytest.raises(InputError, match=r"m.pt: checkpoint was trained with another model config \(model.depth"):
         check_training_config("m.pt", state, {**stored, "model": {**MODEL.to_dict(), "depth": 2}})
+
+
+def test_a_damaged_input_shard_stops_the_pipeline_with_the_file_named(tmp_path):
+    from unet_pipeline.inference import PassThroughNet
+
+    raw_path, _ = raw_store(tmp_path, (2, 150, 170), chunks=(1, 64, 64), chunks_per_file=(1, 2, 2))
+    shard = raw_path / "0" / "c" / "1" / "1" / "0"
+    blob = bytearray(shard.read_bytes())
+    blob[30] ^= 0xFF
+    shard.write_bytes(bytes(blob))
+    predictor = Predictor(PassThroughNet(MODEL), torch.device("cpu"), 52)
+    with pytest.raises(InputError, match=r"raw.ome.zarr/0/c/1/1/0: this file of .* is damaged"):
+        _part(predictor, raw_path, tmp_path / "p.ome.zarr", _checkpoint(tmp_path / "m.pt"), chunks=(1, 64, 64),
+              chunks_per_file=(1, 2, 2))
+
+
+def test_a_full_disk_in_a_writer_thread_is_one_sentence_naming_the_store(tmp_path):
+    raw_path, _ = raw_store(tmp_path, (2, 150, 170), chunks=(1, 64, 64))
+    ckpt = _checkpoint(tmp_path / "m.pt")
+    code = "\n".join([
+        "import resource, sys",
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (3000, 3000))",  # files over 3 kB fail as on a full disk
+        "from unet_pipeline.cli import main",
+        "sys.exit(main(sys.argv[1:]))",
+    ])
+    run = subprocess.run([sys.executable, "-c", code, "predict", "--raw", str(raw_path), "--checkpoint", str(ckpt),
+                          "--out", str(tmp_path / "p.ome.zarr"), "--tile-size", "36", "--chunks", "1,64,64",
+                          "--dtype", "float32", "--device", "cpu", "--precision", "fp32", "--part", "0/1",
+                          "--no-progress"], capture_output=True, text=True)
+    lines = run.stderr.strip().splitlines()
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr[-2000:]
+    assert lines[-1].startswith("unet-pipeline predict: error: ") and "p.ome.zarr" in lines[-1]
+    assert "File too large" in lines[-1]
+
+
+def test_raw_chunks_of_several_slices_give_the_same_prediction(tmp_path):
+    from unet_pipeline.inference import PassThroughNet
+
+    results = []
+    for z_chunk in (1, 3):
+        folder = tmp_path / f"z{z_chunk}"
+        folder.mkdir()
+        raw_path, data = raw_store(folder, (5, 100, 130), chunks=(z_chunk, 64, 64), chunks_per_file=(1, 1, 1))
+        predictor = Predictor(PassThroughNet(MODEL), torch.device("cpu"), 52)
+        (summary,) = _predict(predictor, raw_path, folder / "p.ome.zarr", _checkpoint(folder / "m.pt"),
+                              chunks=(1, 64, 64), chunks_per_file=(1, 1, 1), out_dtype="float32")
+        assert summary.extra["input_voxels_read"] == data.size  # each input chunk decoded once
+        results.append(_read(folder / "p.ome.zarr"))
+    assert np.array_equal(results[0], results[1])
+
+
+def test_same_padding_predicts_close_to_a_whole_slice_pass(tmp_path):
+    # With padded convolutions a tile is not translation-exact (zeros at its edges), so the halo keeps
+    # the difference from a whole-slice pass small rather than nil.
+    cfg = UNetConfig(base_channels=4, depth=3, dropout=0.0, padding="same", same_halo_px=32)
+    raw_path, data = raw_store(tmp_path, (1, 150, 170), chunks=(1, 64, 64))
+    ckpt = random_checkpoint(tmp_path / "m.pt", cfg)
+    predictor = load_predictor(ckpt, "cpu", "fp32", "none", tile_size=64)
+    _predict(predictor, raw_path, tmp_path / "p.ome.zarr", ckpt, chunks=(1, 64, 64), out_dtype="float32")
+    got = _read(tmp_path / "p.ome.zarr")
+    norm = Normaliser.from_attrs(stores.store_attrs(raw_path))(data)
+    padded = np.pad(norm[0], ((32, 32 + 10), (32, 32 + 14)), mode="reflect")  # 160 x 184: multiples of 8
+    with torch.inference_mode():
+        whole = torch.softmax(predictor.model(torch.from_numpy(padded)[None, None]), 1)[0, 1, :150, :170].numpy()
+    assert got.shape == (1, 150, 170) and np.abs(got[0] - whole).mean() < 0.02

@@ -95,19 +95,37 @@ def test_training_is_deterministic_on_cpu(slices, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_validation_keeps_best_checkpoint_and_logs(slices, tmp_path):
+def test_model_pt_is_the_checkpoint_of_the_best_validation_step(slices, tmp_path, monkeypatch):
+    from unet_pipeline import train as train_module
+
     tr, va = slices
-    best = train(MODEL, _cfg(6), tr, va, tmp_path, progress=False)
-    log = (tmp_path / "training_log.csv").read_text().splitlines()
+    scripted = iter([0.5, 0.2, 0.4])  # validations at steps 2, 4, 6: the best is step 4, not the last
+
+    def validate(*args):
+        return {"val_loss": 1.0, "val_pixel_error": 0.1, "val_rand_error": next(scripted)}
+
+    monkeypatch.setattr(train_module, "validate", validate)
+    cfg = _cfg(6, checkpoint_every=2)
+    best = train(MODEL, TrainConfig(**{**cfg.to_dict(), "validate_every": 2, "augment": cfg.augment}), tr, va,
+                 tmp_path / "run", progress=False)
+    chosen = load_checkpoint(best)
+    assert chosen["step"] == 4 and chosen["best_val_rand_error"] == 0.2
+    train(MODEL, _cfg(4, checkpoint_every=2), tr, None, tmp_path / "four", progress=False)  # the same first 4 steps
+    at_four = load_checkpoint(tmp_path / "four" / "last.pt")["model"]
+    assert all(torch.equal(chosen["model"][k], at_four[k]) for k in at_four)
+    log = (tmp_path / "run" / "training_log.csv").read_text().splitlines()
     assert log[0].startswith("step,loss") and len(log) == 7
-    assert load_checkpoint(best)["best_val_rand_error"] <= 1.0
 
 
 def test_data_parallel_on_cpu_with_gloo(slices, tmp_path):
     tr, va = slices
     best = train_data_parallel(2, model_cfg=MODEL, cfg=_cfg(2), train_data=tr, val_data=None,
-                               out_dir=tmp_path, progress=False)
-    assert best.exists()
+                               out_dir=tmp_path / "two", progress=False)
+    train(MODEL, _cfg(2), tr, None, tmp_path / "one", progress=False)
+    two, one = load_checkpoint(best), load_checkpoint(tmp_path / "one" / "model.pt")
+    assert two["step"] == 2 and [row["step"] for row in two["log"]] == [1, 2]
+    # Two processes average two tiles' gradients per step: not the single process's weights.
+    assert any(not torch.equal(two["model"][k], one["model"][k]) for k in one["model"])
 
 
 def test_loss_is_read_every_log_every_steps_as_the_mean_since_the_last_read(slices, tmp_path):

@@ -228,7 +228,7 @@ class BlockWriter:
         if data.shape != box.shape:
             raise ValueError(f"block {index} of {name!r} holds shape {box.shape}, got {data.shape}")
         file = stores.block_file(array, index)
-        with atomic.naming_errors(self.store.final):
+        with atomic.naming_errors(self.store.final), stores.os_errors_named(file):
             array[box.slices] = data
             if not file.exists():  # only the fill value: zarrs stored nothing (cheaper to ask than to scan)
                 self.array(name, empty=True)[box.slices] = data

@@ -493,7 +493,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--processes", type=_positive, default=d("evaluate.processes"),
                    help="processes scoring slices in parallel")
     s.add_argument("--membrane-probability", action="store_true", help="the map gives membrane probability")
-    s.add_argument("--kind", default="probability", choices=("probability", "binary", "instances"))
+    s.add_argument("--kind", default="probability",
+                   help="probability (a map), binary (non-zero = cell) or instances (labels scored as labels); "
+                        "checked by the metrics")
     s.set_defaults(func=cmd_evaluate)
 
     s = sub.add_parser("report", help="Markdown report with figures")
@@ -505,7 +507,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("view", help="look at a dataset's results in neuroglancer (served on 127.0.0.1)")
     s.add_argument("results", help="a dataset's results folder, e.g. results/<dataset>")
-    s.add_argument("--port", type=int, default=8765, help="port on 127.0.0.1 (0: any free one)")
+    s.add_argument("--port", type=int, default=8765, help="port of the viewer on 127.0.0.1, the stores' server on "
+                                                        "the next one (0: any free ones)")
     s.add_argument("--no-browser", action="store_true", help="only print the link (e.g. on a remote node)")
     s.set_defaults(func=cmd_view)
 

@@ -16,8 +16,8 @@ import os
 import torch
 
 from unet_pipeline.errors import ConfigError
+from unet_pipeline.schema import choices
 
-PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -34,8 +34,8 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 def resolve_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype, or None for plain fp32."""
-    if precision not in PRECISIONS:
-        raise ConfigError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision not in choices("train.precision"):
+        raise ConfigError(f"precision must be one of {choices('train.precision')}, got {precision!r}")
     if precision == "fp32":
         return None
     if precision == "auto":

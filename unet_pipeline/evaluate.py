@@ -85,7 +85,7 @@ def _segmentation_settings(path) -> dict:
 
 def evaluate(prob_path: str | os.PathLike, labels_path: str | os.PathLike, slices: list[int],
              out_json: str | os.PathLike, out_slices_csv: str | os.PathLike, out_curves_csv: str | os.PathLike,
-             out_plot: str | os.PathLike | None = None, processes: int = 2, membrane_probability: bool = False,
+             out_plot: str | os.PathLike | None = None, processes: int = 1, membrane_probability: bool = False,
              kind: str = "probability", segmentation: str | os.PathLike | None = None) -> dict:
     """Score `slices` and write the outputs; returns the summary dict.
 

@@ -36,6 +36,9 @@ def thresholds(count: int | None = None, maximum: float = 1.0) -> list[float]:
     return values if count is None else values[:count]
 
 
+PROPOSAL_KINDS = ("probability", "binary", "instances")
+
+
 def as_cell_probability(
     proposal: np.ndarray, membrane_probability: bool = False, kind: str = "probability"
 ) -> np.ndarray:
@@ -58,7 +61,7 @@ def as_cell_probability(
     elif kind == "instances":
         p = cells_of_labels(p)
     elif kind != "probability":
-        raise ConfigError(f"proposal kind must be probability, binary or instances, got {kind!r}")
+        raise ConfigError(f"proposal kind must be one of {', '.join(PROPOSAL_KINDS)}, got {kind!r}")
     elif p.dtype == np.uint8:
         p = p.astype(np.float64) / 255.0
     elif np.issubdtype(p.dtype, np.floating):

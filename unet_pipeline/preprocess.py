@@ -175,14 +175,19 @@ def finish_labels(store: PartialStore, records: dict) -> dict:
 
 # --------------------------------------------------------------------------- in one process
 def preprocess(raw_path, out_raw, labels_path=None, out_labels=None, *, chunks, chunks_per_file,
-               voxel_size_nm="auto", label_format="binary", pyramid_levels="auto", threads: int = 2) -> dict:
+               voxel_size_nm=None, label_format=None, pyramid_levels=None, threads: int = 2) -> dict:
     """Raw (and labels) in one process: every part, then the finishing step. Returns the raw attributes.
 
     For tests, benchmarks and small stacks; the workflow runs the parts as
     separate jobs (`unet-pipeline preprocess --part i/N`, then `finish`).
+    Settings left None take the config schema's defaults.
     """
+    from unet_pipeline import schema
     from unet_pipeline.finish import finish_store
 
+    voxel_size_nm = schema.default("preprocess.voxel_size_nm") if voxel_size_nm is None else voxel_size_nm
+    label_format = schema.dataset_key("label_format")["default"] if label_format is None else label_format
+    pyramid_levels = schema.default("pyramid.levels") if pyramid_levels is None else pyramid_levels
     attrs = {}
     if out_raw is not None:
         done = raw_part(raw_path, out_raw, Part(0, 1), chunks, chunks_per_file, voxel_size_nm, pyramid_levels,

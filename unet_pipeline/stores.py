@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import threading
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -100,6 +101,19 @@ def create_array(group: zarr.Group, name: str, shape: Sequence[int], dtype, chun
             dtype=dtype, compressors=codecs or compressor(), fill_value=fill_value,
             dimension_names=("z", "y", "x"), overwrite=True,
         )
+
+
+@contextlib.contextmanager
+def os_errors_named(path: Path) -> Iterator[None]:
+    """zarrs reports a failed write (a full disk, a quota) as RuntimeError("... (os error 28)"): an OSError again."""
+    try:
+        yield
+    except RuntimeError as exc:
+        found = re.search(r"\(os error (\d+)\)", str(exc))
+        if not found:
+            raise
+        code = int(found.group(1))
+        raise OSError(code, os.strerror(code), str(path)) from exc
 
 
 def open_array(path: str | os.PathLike, mode: str = "r") -> zarr.Array:

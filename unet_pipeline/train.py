@@ -73,10 +73,10 @@ class TrainConfig:
     def __post_init__(self):
         if self.steps < 1 or self.batch_size < 1 or self.log_every < 1:
             raise ConfigError("train.steps, train.batch_size and train.log_every must be at least 1")
-        if self.optimizer not in ("sgd", "adam"):
-            raise ConfigError(f"train.optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
-        if self.lr_schedule not in ("constant", "cosine", "step"):
-            raise ConfigError(f"train.lr_schedule must be constant, cosine or step, got {self.lr_schedule!r}")
+        for key in ("optimizer", "lr_schedule"):
+            if getattr(self, key) not in schema.choices(f"train.{key}"):
+                raise ConfigError(f"train.{key} must be one of {schema.choices(f'train.{key}')}, got "
+                                  f"{getattr(self, key)!r}")
 
     @classmethod
     def from_dict(cls, values: dict) -> "TrainConfig":

@@ -30,7 +30,6 @@ from unet_pipeline.errors import InputError
 log = logging.getLogger(__name__)
 
 LAYERS = (("raw", "image"), ("probabilities", "image"), ("segmentation", "segmentation"))
-DEFAULT_PORT = 8765
 
 
 class _Handler(RangeRequestHandler):
@@ -98,7 +97,7 @@ def configure(viewer, found: dict[str, Path], data_url: str, z: int | None = Non
         state.layout = "xy"
 
 
-def start(folder: str | os.PathLike, port: int = DEFAULT_PORT, host: str = "127.0.0.1") -> tuple:
+def start(folder: str | os.PathLike, port: int, host: str = "127.0.0.1") -> tuple:
     """Start both servers for a dataset's results folder; returns (viewer, data server, the viewer link)."""
     import neuroglancer
 
@@ -112,7 +111,7 @@ def start(folder: str | os.PathLike, port: int = DEFAULT_PORT, host: str = "127.
     return viewer, data_server, viewer.get_viewer_url()
 
 
-def serve(folder: str | os.PathLike, port: int = DEFAULT_PORT, open_browser: bool = True) -> None:
+def serve(folder: str | os.PathLike, port: int, open_browser: bool) -> None:
     """Serve until interrupted, printing the link (and the SSH tunnel for a remote node)."""
     import time
 

@@ -66,10 +66,18 @@ def nearest_two_distances(instances: np.ndarray, max_distance: float) -> tuple[n
     return d1, d2
 
 
+def _paper(w0, sigma_px) -> tuple[float, float]:
+    """w0 and sigma: the given ones, else the config schema's (the paper's 10 and 5 px)."""
+    from unet_pipeline import schema
+
+    return (schema.default("weights.w0") if w0 is None else w0,
+            schema.default("weights.sigma_px") if sigma_px is None else sigma_px)
+
+
 def weight_map(
     labels: np.ndarray,
-    w0: float = 10.0,
-    sigma_px: float = 5.0,
+    w0: float | None = None,
+    sigma_px: float | None = None,
     label_format: str = "binary",
     class_weights: tuple[float, float] | None = None,
     tolerance: float = 1e-6,
@@ -79,7 +87,7 @@ def weight_map(
     Parameters
     ----------
     labels : 2D array; binary (non-zero = cell) or instance labels (0 = membrane).
-    w0, sigma_px : border-term amplitude and width (paper: 10 and about 5 px).
+    w0, sigma_px : border-term amplitude and width (None: the config schema's, the paper's 10 and 5 px).
     label_format : "binary" or "instances".
     class_weights : (w_membrane, w_cell) to use instead of this slice's balance
         (chunked computation passes the whole slice's values).
@@ -88,6 +96,7 @@ def weight_map(
     labels = np.asarray(labels)
     if labels.ndim != 2:
         raise ValueError(f"weight_map expects a 2D slice, got shape {labels.shape}")
+    w0, sigma_px = _paper(w0, sigma_px)
     instances = instances_from_binary(labels) if label_format == "binary" else labels.astype(np.int64)
     cell = instances > 0
     w_membrane, w_cell = class_weights if class_weights is not None else class_balance(cell)
@@ -101,7 +110,7 @@ def weight_map(
 
 
 def weight_map_chunked(
-    instances: np.ndarray, chunk: tuple[int, int], w0: float = 10.0, sigma_px: float = 5.0,
+    instances: np.ndarray, chunk: tuple[int, int], w0: float | None = None, sigma_px: float | None = None,
     tolerance: float = 1e-6,
 ) -> np.ndarray:
     """The same map computed chunk by chunk with a halo (for slices too large for one pass).
@@ -110,6 +119,7 @@ def weight_map_chunked(
     labelling provides them). The halo is the cut-off distance: beyond it no
     cell changes the border term by more than `tolerance`.
     """
+    w0, sigma_px = _paper(w0, sigma_px)
     halo = int(math.ceil(cutoff_distance(w0, sigma_px, tolerance))) + 1
     class_weights = class_balance(instances > 0)
     out = np.empty(instances.shape, np.float32)
@@ -124,11 +134,12 @@ def weight_map_chunked(
     return out
 
 
-def weight_map_reference(labels: np.ndarray, w0: float = 10.0, sigma_px: float = 5.0) -> np.ndarray:
+def weight_map_reference(labels: np.ndarray, w0: float | None = None, sigma_px: float | None = None) -> np.ndarray:
     """Straightforward version: one full-slice distance transform per cell.
 
     Kept as the definition the fast version is tested and benchmarked against.
     """
+    w0, sigma_px = _paper(w0, sigma_px)
     instances = instances_from_binary(labels)
     cell = instances > 0
     w_membrane, w_cell = class_balance(cell)
