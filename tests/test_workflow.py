@@ -126,6 +126,14 @@ def test_whole_workflow_runs_and_outputs_open_in_ome_zarr_reader(finished_run):
         assert nodes and nodes[0].data[0].shape == (2, 64, 80), name
     report = (results / "report" / "report.md").read_text()
     assert report.count("| test | probability map") == 1 and report.count("| test | segmentation as written") == 1
+    # one click to a view of the result (while `unet-pipeline view` serves it)
+    import urllib.parse
+
+    assert "`unet-pipeline view results/test`" in report
+    link = re.search(r"\[this link\]\((https://[^)]+)\)", report).group(1)
+    state = json.loads(urllib.parse.unquote(link.split("#!", 1)[1]))
+    assert [layer["name"] for layer in state["layers"]] == ["raw", "probabilities", "segmentation"]
+    assert state["layers"][2]["source"] == "zarr://http://127.0.0.1:8766/data/segmentation.ome.zarr/"
     assert not list(results.rglob(".*.partial-*")) and not list(results.rglob(".parts"))  # nothing left behind
     # Everything is up to date: a second run does nothing.
     again = snakemake(workdir, "-n")

@@ -336,7 +336,9 @@ def cmd_view(a):
     """`unet-pipeline view`: raw, probabilities and segmentation of a dataset in neuroglancer, served locally."""
     from unet_pipeline.view import serve
 
-    serve(a.results, a.port, open_browser=not a.no_browser)
+    from unet_pipeline.view import VIEW_PORT
+
+    serve(a.results, VIEW_PORT if a.port is None else a.port, open_browser=not a.no_browser)
 
 
 def cmd_validate_config(a):
@@ -507,8 +509,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("view", help="look at a dataset's results in neuroglancer (served on 127.0.0.1)")
     s.add_argument("results", help="a dataset's results folder, e.g. results/<dataset>")
-    s.add_argument("--port", type=int, default=8765, help="port of the viewer on 127.0.0.1, the stores' server on "
-                                                        "the next one (0: any free ones)")
+    s.add_argument("--port", type=int, help="port of the viewer on 127.0.0.1 (default: the one the report's link "
+                                            "expects), the stores' server on the next one; 0: any free ones")
     s.add_argument("--no-browser", action="store_true", help="only print the link (e.g. on a remote node)")
     s.set_defaults(func=cmd_view)
 

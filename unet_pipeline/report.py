@@ -145,6 +145,13 @@ def write_report(out_md: str | os.PathLike, log_csv, metrics_json: dict[str, str
                          ", ".join(f"{k} {v}" for k, v in m["segmentation"].get("settings", {}).items()))
     lines += ["", *notes, ""]
     if example:
+        from unet_pipeline.view import VIEW_PORT, public_link
+
+        folder = Path(example["raw"]).parent
+        lines += ["## Look at it", "", f"`unet-pipeline view {folder}` serves the stores on this machine and opens them "
+                  "in neuroglancer (raw, probabilities and segmentation, aligned); add `--no-browser` on a remote node. "
+                  f"While it runs, [this link]({public_link(folder, VIEW_PORT, example['slice'])}) opens the same view in "
+                  "the public neuroglancer client.", ""]
         example_lines = plot_example(example, out_md.with_name("example.png"))
         lines += [f"## Segmentation methods on {example['dataset']}, slice {example['slice']}", "",
                   "![raw, probability, threshold and watershed segmentations](example.png)", "", *example_lines, ""]

@@ -13,6 +13,7 @@ it (both ports).
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -30,6 +31,7 @@ from unet_pipeline.errors import InputError
 log = logging.getLogger(__name__)
 
 LAYERS = (("raw", "image"), ("probabilities", "image"), ("segmentation", "segmentation"))
+VIEW_PORT = 8765  # the viewer's; the stores are served on the next port
 
 
 class _Handler(RangeRequestHandler):
@@ -72,29 +74,41 @@ def dataset_stores(folder: Path) -> dict[str, Path]:
     return found
 
 
-def configure(viewer, found: dict[str, Path], data_url: str, z: int | None = None) -> None:
-    """Give `viewer` one layer per store, all in nm at their recorded voxel size, centred on slice `z`."""
-    import neuroglancer
+PUBLIC_CLIENT = "https://neuroglancer-demo.appspot.com/"
 
+
+def viewer_state(found: dict[str, Path], data_url: str, z: int | None = None) -> dict:
+    """The neuroglancer state (JSON) showing the stores: one layer each, in nm at their voxel size, on slice `z`.
+
+    Dimensions go x, y, z: neuroglancer's "xy" panel shows the first two.
+    """
     first = next(iter(found.values()))
     voxel = stores.voxel_size(first)
     shape = stores.open_image(first).shape
-    with viewer.txn() as state:
-        # x, y, z: neuroglancer's "xy" panel shows the first two dimensions
-        state.dimensions = neuroglancer.CoordinateSpace(names=["x", "y", "z"], units="nm",
-                                                        scales=[voxel[2], voxel[1], voxel[0]])
-        for name, kind in LAYERS:
-            if name not in found:
-                continue
-            source = f"zarr://{data_url}/data/{found[name].name}/"
-            if kind == "image":
-                state.layers[name] = neuroglancer.ImageLayer(source=source, opacity=0.5 if name != "raw" else 1.0)
-                state.layers[name].visible = name == "raw" or "segmentation" not in found
-            else:
-                state.layers[name] = neuroglancer.SegmentationLayer(source=source)
-        state.position = [shape[2] / 2, shape[1] / 2, (z if z is not None else shape[0] // 2) + 0.5]
-        state.cross_section_scale = max(shape[1:]) / 512
-        state.layout = "xy"
+    layers = []
+    for name, kind in LAYERS:
+        if name not in found:
+            continue
+        layer = {"type": kind, "name": name, "source": f"zarr://{data_url}/data/{found[name].name}/"}
+        if name == "probabilities":
+            layer.update(opacity=0.5, visible="segmentation" not in found)
+        layers.append(layer)
+    return {
+        "dimensions": {"x": [voxel[2] * 1e-9, "m"], "y": [voxel[1] * 1e-9, "m"], "z": [voxel[0] * 1e-9, "m"]},
+        "position": [shape[2] / 2, shape[1] / 2, (z if z is not None else shape[0] // 2) + 0.5],
+        "crossSectionScale": max(shape[1:]) / 512,
+        "layers": layers,
+        "layout": "xy",
+    }
+
+
+def public_link(folder: str | os.PathLike, port: int, z: int | None = None) -> str:
+    """A link that opens the view in the public neuroglancer client, reading the stores from `view` on `port`.
+
+    For the report: one click while `unet-pipeline view` runs (its stores are served on port + 1).
+    """
+    state = viewer_state(dataset_stores(Path(folder)), f"http://127.0.0.1:{port + 1}", z)
+    return PUBLIC_CLIENT + "#!" + urllib.parse.quote(json.dumps(state, separators=(",", ":")))
 
 
 def start(folder: str | os.PathLike, port: int, host: str = "127.0.0.1") -> tuple:
@@ -107,7 +121,7 @@ def start(folder: str | os.PathLike, port: int, host: str = "127.0.0.1") -> tupl
     threading.Thread(target=data_server.serve_forever, daemon=True, name="view-data").start()
     neuroglancer.set_server_bind_address(host, bind_port=port)
     viewer = neuroglancer.Viewer()
-    configure(viewer, found, f"http://{host}:{data_server.server_address[1]}")
+    viewer.set_state(neuroglancer.ViewerState(viewer_state(found, f"http://{host}:{data_server.server_address[1]}")))
     return viewer, data_server, viewer.get_viewer_url()
 
 
