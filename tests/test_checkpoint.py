@@ -1,5 +1,4 @@
 """Checkpoints: loaded without executing anything from the file, refused with one sentence when unreadable."""
-import io
 import os
 import subprocess
 import sys
@@ -7,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from unet_pipeline.checkpoint import load_checkpoint, save_checkpoint
+from unet_pipeline.checkpoint import load_checkpoint
 from unet_pipeline.errors import InputError
 from unet_pipeline.model import UNet, UNetConfig
 from tests.conftest import random_checkpoint

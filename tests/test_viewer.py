@@ -19,7 +19,7 @@ from unet_pipeline.geometry import Part
 from unet_pipeline.inference import Predictor
 from unet_pipeline.labelling import SegmentationSettings
 from unet_pipeline.model import UNetConfig
-from tests.conftest import random_checkpoint, raw_store
+from tests.conftest import random_checkpoint
 
 CHROMIUM, DRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 FLAGS = ("--headless=new --no-sandbox --disable-dev-shm-usage --use-gl=angle --use-angle=swiftshader "

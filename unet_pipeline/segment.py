@@ -38,7 +38,7 @@ from unet_pipeline import atomic, stores
 from unet_pipeline.blockwise import PartialStore, PartSummary, run_part
 from unet_pipeline.errors import InputError
 from unet_pipeline.geometry import Part
-from unet_pipeline.labelling import SegmentationSettings, label_block, structure
+from unet_pipeline.labelling import SegmentationSettings, label_block
 from unet_pipeline.provenance import KEY as FINGERPRINT, derive_fingerprint, store_fingerprint
 from unet_pipeline.pyramid import image_builder
 

@@ -169,7 +169,7 @@ def write_weights(labels_path, out_path, *, w0: float, sigma_px: float, label_fo
     from unet_pipeline.blockwise import PartialStore, run_part
     from unet_pipeline.finish import finish_store
     from unet_pipeline.geometry import Box, Part
-    from unet_pipeline.provenance import KEY, store_fingerprint
+    from unet_pipeline.provenance import store_fingerprint
     from unet_pipeline.pyramid import image_builder
 
     labels = stores.open_image(labels_path)
