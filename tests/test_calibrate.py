@@ -62,3 +62,24 @@ def test_without_validation_slices_auto_means_threshold_one_half(tmp_path):
         resolve("watershed", "auto", "2d", "auto", "auto", tmp_path / "s.json")
     with pytest.raises(InputError, match="no segmentation choice recorded"):
         resolve("auto", "auto", "2d", "auto", "auto", tmp_path / "missing.json")
+
+
+def test_a_lower_rand_error_is_not_bought_with_pixel_error_beyond_the_allowance():
+    """Low cell thresholds thin the membranes: the Rand error falls, the pixel error climbs; the bound stops it."""
+    from unet_pipeline.calibrate import PIXEL_ERROR_ALLOWANCE, score
+
+    prob = np.full((1, 40, 60), 0.95)
+    prob[0, :, 27:33] = 0.08       # a 6 px membrane, faint at its sides ...
+    prob[0, :, 29:31] = 0.01       # ... and dark in the middle
+    prob[0, 10:20, 8:18] = 0.08    # a faint blob inside the left cell
+    truth = np.full(prob.shape, 255, np.uint8)
+    truth[0, :, 27:33] = 0
+    record = calibrate(prob, truth, "2d")
+    thin = SegmentationSettings("watershed", 0.05, "2d", 0.9, 5)
+    from unet_pipeline.labelling import label_image
+    rand, pixel = score(label_image(prob, thin), truth)
+    chosen = record["methods"]["watershed"]
+    assert rand < chosen["rand_error"] and pixel > record["pixel_error_bound"]  # tempting, but out of bounds
+    assert chosen["pixel_error"] <= record["pixel_error_bound"]
+    assert record["pixel_error_bound"] == pytest.approx(record["methods"]["threshold"]["pixel_error"]
+                                                        + PIXEL_ERROR_ALLOWANCE)

@@ -49,6 +49,8 @@ def test_every_stage_argument_comes_from_its_config_key(config):
     assert (a.threshold, a.connectivity, a.pyramid_levels) == (0.3, "3d", 3)
     a = _parse("train", stages.train(cfg))
     assert json.loads(a.train) == cfg["train"] and [d["name"] for d in json.loads(a.datasets)] == ["synthetic-train"]
+    # segmentation settings are chosen on probabilities made as predict makes them
+    assert (a.probability_tile_size, a.probability_tta, a.probability_dtype) == (196, "d4", "uint8")
     a = _parse("weights", stages.weights(cfg, "synthetic-train"))
     assert (a.w0, a.sigma_px) == (cfg["weights"]["w0"], cfg["weights"]["sigma_px"])
     a = _parse("evaluate", stages.evaluate(cfg, "synthetic-test"))

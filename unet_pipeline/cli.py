@@ -224,7 +224,9 @@ def cmd_train(a):
         raise PipelineError("no training slices: set datasets.<name>.train for a dataset with labels")
     kwargs = dict(model_cfg=model_cfg, cfg=cfg, train_data=SliceSet.concatenate(train_parts),
                   val_data=SliceSet.concatenate(val_parts) if val_parts else None, out_dir=a.out,
-                  resume=a.resume, progress=not a.no_progress, run_config=_json(a.run_config, "--run-config", {}))
+                  resume=a.resume, progress=not a.no_progress, run_config=_json(a.run_config, "--run-config", {}),
+                  probability_dtype=a.probability_dtype, probability_tta=_tta(a.probability_tta),
+                  probability_tile_size=a.probability_tile_size)
     world = gpus if torch.cuda.is_available() else a.cpu_processes
     world = min(world, torch.cuda.device_count()) if torch.cuda.is_available() else world
     best = train_data_parallel(world, **kwargs) if world > 1 else train(**kwargs)
@@ -421,6 +423,11 @@ def build_parser() -> argparse.ArgumentParser:
     threads(s)
     s.add_argument("--cpu-processes", type=_positive, default=1, help="data-parallel CPU processes (gloo) without "
                                                                       "GPUs")
+    s.add_argument("--probability-dtype", default=d("predict.dtype"), choices=schema.choices("predict.dtype"),
+                   help="predict's dtype: segmentation settings are chosen on probabilities made as predict makes them")
+    s.add_argument("--probability-tta", default=str(d("predict.tta")), help="predict's test-time augmentation")
+    s.add_argument("--probability-tile-size", type=_positive, default=d("predict.tile_size"),
+                   help="predict's tile size")
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=cmd_train)
 

@@ -117,7 +117,7 @@ def as_ground_truth(labels: np.ndarray, shape: tuple[int, ...] | None = None) ->
     return gt
 
 
-def _label4(mask: np.ndarray) -> tuple[np.ndarray, int]:
+def label4(mask: np.ndarray) -> tuple[np.ndarray, int]:
     return ndimage.label(mask, structure=FOUR_CONNECTED)
 
 
@@ -301,7 +301,7 @@ def watershed_labels(cell: np.ndarray) -> np.ndarray:
     Basins are the 4-components of the cell pixels (their numbering does not
     matter: only equality of labels is used); 0 marks watershed lines.
     """
-    basins, count = _label4(cell)
+    basins, count = label4(cell)
     lab = np.where(cell, basins, -2).astype(np.int32)
     return _flood_membrane(lab, count)
 
@@ -495,7 +495,7 @@ def _classify_kernel(warped: np.ndarray, target: np.ndarray, comp: np.ndarray) -
 
 def _classify_mismatches(warped: np.ndarray, target: np.ndarray) -> tuple[int, int, int]:
     """(splits, merges, all residual mismatches) of a warped slice (unpadded)."""
-    comp, _ = _label4(warped)
+    comp, _ = label4(warped)
     return _classify_kernel(warped, target, comp.astype(np.int64))
 
 
@@ -540,10 +540,10 @@ def slice_statistics(gt: np.ndarray, prob: np.ndarray, which: tuple[str, ...] = 
         if "rand" in which or "thinned" in which:
             mask = gt > th
             if truth_mask is None or not np.array_equal(mask, truth_mask):
-                truth_mask, truth_labels = mask, _label4(mask)[0]  # 0/255 truth: labelled once
+                truth_mask, truth_labels = mask, label4(mask)[0]  # 0/255 truth: labelled once
             a = truth_labels
             if "rand" in which:
-                stats.rand_counts[k] = rand_counts(a, _label4(pred)[0])
+                stats.rand_counts[k] = rand_counts(a, label4(pred)[0])
             if "thinned" in which:
                 b = watershed_labels(pred)
                 stats.v_rand[k] = f_score(*rand_counts(a, b))

@@ -167,8 +167,8 @@ class Planner:
     def segment(self) -> StagePlan:
         """The segmentation's label and relabel parts (a watershed block reads a halo around it)."""
         grid = self.grid("predict")  # the segmentation keeps the probability map's layout
-        # per thread: a block of probabilities as float32, the foreground, int32 labels and scipy's scratch
-        mem = self.cpu_threads * 16 * math.prod(grid.block)
+        # per thread: a block of probabilities as float64, the foreground, int64 keys and labels, scipy's scratch
+        mem = self.cpu_threads * 32 * math.prod(grid.block)
         return self._stage("segment", "segment.parts", self.config["segment"]["parts"], grid,
                            self.speed["segment"], self.cpu_threads, mem)
 

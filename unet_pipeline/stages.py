@@ -128,7 +128,9 @@ def train(config: dict) -> str:
         for n in training_datasets(config)
     ]
     return _join(("--datasets", json.dumps(datasets)), ("--model", config["model"]),
-                 ("--train", config["train"]), ("--run-config", training_config(config)))
+                 ("--train", config["train"]), ("--run-config", training_config(config)),
+                 *(("--probability-" + key.replace("_", "-"), config["predict"][key])
+                   for key in ("dtype", "tta", "tile_size")))
 
 
 def predict(config: dict) -> str:
