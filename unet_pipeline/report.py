@@ -107,7 +107,7 @@ def plot_example(example: dict, out_png: Path) -> list[str]:
         a.set_title(title, fontsize=9)
         a.axis("off")
     fig.suptitle(f"{example['dataset']}, slice {z}", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.94))  # the panels' two-line titles clear the figure's title
     save_figure(fig, out_png)
     return lines
 
