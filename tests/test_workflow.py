@@ -121,9 +121,14 @@ def test_whole_workflow_runs_and_outputs_open_in_ome_zarr_reader(finished_run):
     assert metrics["segmentation"]["rand_error"] == pytest.approx(written.rand_error, abs=1e-12)
     chosen = json.loads((results / "model" / "segmentation.json").read_text())
     assert metrics["segmentation"]["settings"]["method"] == chosen["method"] and chosen["validation_slices"] == 1
-    for name in ("raw", "probabilities", "segmentation"):
+    from ome_zarr_models import open_ome_zarr
+
+    for name, kind in (("raw", "Image"), ("probabilities", "Image"), ("segmentation", "ImageLabel")):
         nodes = list(Reader(parse_url(str(results / "test" / f"{name}.ome.zarr")))())
         assert nodes and nodes[0].data[0].shape == (2, 64, 80), name
+        # the NGFF metadata validates (ome-zarr-models), the segmentation as a label image
+        model = open_ome_zarr(zarr.open_group(str(results / "test" / f"{name}.ome.zarr"), mode="r"))
+        assert type(model).__name__ == kind, name
     report = (results / "report" / "report.md").read_text()
     assert report.count("| test | probability map") == 1 and report.count("| test | segmentation as written") == 1
     # one click to a view of the result (while `unet-pipeline view` serves it)
