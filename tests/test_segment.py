@@ -198,3 +198,29 @@ def test_watershed_needs_2d_and_sensible_seeds():
         SegmentationSettings("watershed", 0.5, "3d", 0.8, 10)
     with pytest.raises(ConfigError, match="seed_threshold must lie in"):
         SegmentationSettings("watershed", 0.5, "2d", 0.3, 10)
+
+
+def test_the_watershed_halo_stops_at_its_bound_so_a_job_never_reads_the_whole_slice(caplog):
+    """A mask that is one component over the whole slice would pull the whole slice into every block."""
+    from unet_pipeline.geometry import Box
+    from unet_pipeline.labelling import label_block
+
+    rng = np.random.default_rng(3)
+    prob = 0.6 + 0.4 * ndimage.gaussian_filter(rng.random((1, 600, 600)), (0, 8, 8))  # all above the threshold
+    prob = (prob - prob.min()) / (prob.max() - prob.min()) * 0.4 + 0.55
+    block = Box((0, 256, 256), (1, 320, 320))
+    shapes = []
+
+    def read(box):
+        shapes.append(box.shape)
+        return prob[box.slices]
+
+    bounded = SegmentationSettings("watershed", 0.5, "2d", 0.8, 5, max_halo_px=128)
+    with caplog.at_level("WARNING"):
+        labels, keys = label_block(read, block, prob.shape, bounded)
+    assert max(s[1] for s in shapes) == 64 + 2 * 128 and max(s[2] for s in shapes) == 64 + 2 * 128
+    assert "halo bound" in caplog.text and labels.shape == (1, 64, 64) and (labels > 0).mean() > 0.9
+    shapes.clear()
+    unbounded = SegmentationSettings("watershed", 0.5, "2d", 0.8, 5, max_halo_px=1024)
+    label_block(read, block, prob.shape, unbounded)
+    assert shapes[-1] == (1, 600, 600)  # without a bound: the whole slice

@@ -112,7 +112,7 @@ def read_record(path: str | os.PathLike | None) -> dict | None:
 
 
 def resolve(method: str, threshold, connectivity: str, seed_threshold, min_seed_px,
-            record_path: str | os.PathLike | None) -> SegmentationSettings:
+            record_path: str | os.PathLike | None, max_halo_px: int | None = None) -> SegmentationSettings:
     """The settings to segment with: numbers as configured, `auto` from the choice recorded with the model."""
     needs_record = "auto" in (method, threshold) or (method != "threshold" and "auto" in (seed_threshold,
                                                                                           min_seed_px))
@@ -131,4 +131,5 @@ def resolve(method: str, threshold, connectivity: str, seed_threshold, min_seed_
 
     return SegmentationSettings(chosen, float(pick(threshold, "threshold")), connectivity,
                                 None if chosen == "threshold" else float(pick(seed_threshold, "seed_threshold")),
-                                None if chosen == "threshold" else int(pick(min_seed_px, "min_seed_px")))
+                                None if chosen == "threshold" else int(pick(min_seed_px, "min_seed_px")),
+                                None if chosen == "threshold" else max_halo_px)

@@ -266,7 +266,8 @@ def cmd_segment(a):
     from unet_pipeline.geometry import Part
 
     _use_threads(a.threads)
-    chosen = resolve(a.method, a.threshold, a.connectivity, a.seed_threshold, a.min_seed_px, a.calibration)
+    chosen = resolve(a.method, a.threshold, a.connectivity, a.seed_threshold, a.min_seed_px, a.calibration,
+                     a.max_halo_px)
     log.info("segmenting with %s", chosen.describe())
     if a.step == "all":
         count = segment.segment(a.prob, a.out, settings=chosen, pyramid_levels=a.pyramid_levels, threads=a.threads)
@@ -468,6 +469,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cell where p > threshold, or auto (chosen on validation slices: --calibration)")
     s.add_argument("--seed-threshold", type=_auto_or(float), default=d("segment.watershed.seed_threshold"))
     s.add_argument("--min-seed-px", type=_auto_or(int), default=d("segment.watershed.min_seed_px"))
+    s.add_argument("--max-halo-px", type=_positive, default=d("segment.watershed.max_halo_px"))
     s.add_argument("--calibration", help="the model's segmentation.json: the settings chosen on validation slices")
     s.add_argument("--connectivity", default=d("segment.connectivity"), choices=schema.choices("segment.connectivity"))
     levels(s)

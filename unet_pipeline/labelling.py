@@ -16,22 +16,37 @@ Block by block (`label_block`), the threshold method needs only the block;
 its labels are joined across block faces later. A watershed region depends
 on the whole mask component it floods, so a block reads its region grown by
 a halo, and doubles the halo until every mask component that reaches into
-the block lies wholly inside what was read (at worst, the whole slice).
-Each block's result is then exactly the whole-volume result, and each
-region carries a key (the position of its seed's first pixel in the volume)
-by which the join step recognises the same cell in every block it crosses.
+the block lies wholly inside what was read. Each block's result is then
+exactly the whole-volume result, and each region carries a key (the
+position of its seed's first pixel in the volume) by which the join step
+recognises the same cell in every block it crosses.
+
+The halo stops growing at `max_halo_px`, so that a job's memory is bounded
+by its blocks whatever the data: at a low cell threshold, leaky membranes
+can join a whole slice into one mask component, and a slice of a large
+volume does not fit in a job. A block that reaches the bound is labelled
+with what it read (a warning names it): pixels near its border may then be
+flooded from other seeds than in a whole-slice watershed, and a seed cut by
+the halo's edge can split one cell at the block border. Seeds lie within a
+cell's width of every pixel, so a bound of several cell widths rarely
+changes anything.
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from typing import Callable
 
+import logging
+
 import numpy as np
 from scipy import ndimage
 
 from unet_pipeline.errors import ConfigError
 from unet_pipeline.geometry import Box
+from unet_pipeline import schema
 from unet_pipeline.schema import choices
+
+log = logging.getLogger(__name__)
 
 FIRST_HALO_PX = 64
 
@@ -45,6 +60,7 @@ class SegmentationSettings:
     connectivity: str
     seed_threshold: float | None = None
     min_seed_px: int | None = None
+    max_halo_px: int | None = None  # watershed blocks: how far the halo may grow (None: the schema default)
 
     def __post_init__(self):
         if self.method not in ("threshold", "watershed"):
@@ -63,6 +79,9 @@ class SegmentationSettings:
                                   f"{self.seed_threshold}")
             if self.min_seed_px is None or self.min_seed_px < 1:
                 raise ConfigError(f"segment.watershed.min_seed_px must be at least 1, got {self.min_seed_px}")
+            if self.max_halo_px is not None and self.max_halo_px < FIRST_HALO_PX:
+                raise ConfigError(f"segment.watershed.max_halo_px must be at least {FIRST_HALO_PX}, got "
+                                  f"{self.max_halo_px}")
 
     def to_dict(self) -> dict:
         """The settings that apply to the method, as plain data (recorded with the segmentation)."""
@@ -70,6 +89,8 @@ class SegmentationSettings:
         if self.method == "threshold":
             values.pop("seed_threshold")
             values.pop("min_seed_px")
+        if self.method == "threshold" or self.max_halo_px is None:
+            values.pop("max_halo_px")
         return values
 
     def describe(self) -> str:
@@ -167,21 +188,28 @@ def label_block(read: Callable[[Box], np.ndarray], block: Box, volume: tuple[int
                 settings: SegmentationSettings) -> tuple[np.ndarray, np.ndarray | None]:
     """One block's cells, numbered locally in raster order, and (watershed) each local id's key.
 
-    `read(box)` returns cell probability (float32) of a box inside the volume.
+    `read(box)` returns cell probability (float64) of a box inside the volume.
     Threshold: labels of the block alone (joined across faces later), keys
     None. Watershed: the block read with a growing halo until complete, so the
-    labels equal the whole-volume ones; keys[i] identifies local id i's cell.
+    labels equal the whole-volume ones (unless the halo reached its bound: see
+    the module docstring); keys[i] identifies local id i's cell.
     """
     if settings.method == "threshold":
         labels, _ = ndimage.label(read(block) > settings.threshold, structure(settings.connectivity))
         return labels.astype(np.uint32), None
-    halo = FIRST_HALO_PX
+    limit = settings.max_halo_px or schema.default("segment.watershed.max_halo_px")
+    halo = min(FIRST_HALO_PX, limit)
     while True:
         region = block.grow((0, halo, halo)).clip(volume)
         prob = read(region)
         if _complete(prob > settings.threshold, region, block, volume):
             break
-        halo *= 2
+        if halo >= limit:
+            log.warning("block %s: a cell region reaching into it extends beyond the %d px halo bound "
+                        "(segment.watershed.max_halo_px); labelled with that halo, so cells near its border may "
+                        "differ from a whole-slice watershed", block, limit)
+            break
+        halo = min(2 * halo, limit)
     inner = block.relative_to(region.start).slices
     keyed = np.full(block.shape, -1, np.int64)
     for z in range(region.shape[0]):

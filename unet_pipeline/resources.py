@@ -167,8 +167,10 @@ class Planner:
     def segment(self) -> StagePlan:
         """The segmentation's label and relabel parts (a watershed block reads a halo around it)."""
         grid = self.grid("predict")  # the segmentation keeps the probability map's layout
-        # per thread: a block of probabilities as float64, the foreground, int64 keys and labels, scipy's scratch
-        mem = self.cpu_threads * 32 * math.prod(grid.block)
+        # per thread: a block (with the watershed's largest halo) of probabilities as float64, the foreground,
+        # int64 keys and labels, scipy's and skimage's scratch
+        halo = 2 * self.config["segment"]["watershed"]["max_halo_px"]
+        mem = self.cpu_threads * 40 * grid.block[0] * (grid.block[1] + halo) * (grid.block[2] + halo)
         return self._stage("segment", "segment.parts", self.config["segment"]["parts"], grid,
                            self.speed["segment"], self.cpu_threads, mem)
 

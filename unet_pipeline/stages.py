@@ -154,7 +154,8 @@ def segment(config: dict) -> str:
     seg = config["segment"]
     return _join(("--method", seg["method"]), ("--threshold", seg["threshold"]),
                  ("--seed-threshold", seg["watershed"]["seed_threshold"]),
-                 ("--min-seed-px", seg["watershed"]["min_seed_px"]), ("--connectivity", seg["connectivity"]),
+                 ("--min-seed-px", seg["watershed"]["min_seed_px"]),
+                 ("--max-halo-px", seg["watershed"]["max_halo_px"]), ("--connectivity", seg["connectivity"]),
                  ("--pyramid-levels", config["pyramid"]["levels"]))
 
 
