@@ -6,7 +6,7 @@
   seeded watershed on the membrane probability 1 - p. Seeds are the
   4-connected components of p > seed_threshold with at least `min_seed_px`
   pixels; the flooding stays inside the mask, and where two cells meet a
-  one-pixel line of membrane is drawn (skimage's watershed line). A mask
+  one-pixel line of membrane is drawn (`flood.seeded_watershed`). A mask
   component without a seed is a cell of its own, so no cell is lost. A gap
   in a thin membrane merges two cells under `threshold`; here the two seeds
   meet at the gap and the cells stay apart, which is why the watershed
@@ -15,13 +15,19 @@
 Block by block (`label_block`), the threshold method needs only the block;
 its labels are joined across block faces later. A watershed region depends
 on the whole mask component it floods, so a block reads its region grown by
-a halo, and doubles the halo until every mask component that reaches into
-the block lies wholly inside what was read. Each block's result is then
-exactly the whole-volume result, and each region carries a key (the
+a halo, and floods the bounding box of every mask component that reaches
+into the block, once that component lies wholly inside what was read. Each
+block's result is then exactly the whole-volume result, and each region carries a key (the
 position of its seed's first pixel in the volume) by which the join step
 recognises the same cell in every block it crosses.
 
-The halo stops growing at `max_halo_px`, so that a job's memory is bounded
+A watershed block is worked in tiles of at most WATERSHED_TILE_PX a side,
+each with its own halo: the keys are the volume's, so the tiles' results
+fit together exactly, and a 4096^2 block (one probability shard) needs the
+memory of a 1024^2 tile and its halo, not of the whole block and its halo
+(the flood holds about 20 bytes per pixel, the probabilities 8 more).
+
+The halo is at most `max_halo_px`, so that a job's memory is bounded
 by its blocks whatever the data: at a low cell threshold, leaky membranes
 can join a whole slice into one mask component, and a slice of a large
 volume does not fit in a job. A block that reaches the bound is labelled
@@ -42,13 +48,15 @@ import numpy as np
 from scipy import ndimage
 
 from unet_pipeline.errors import ConfigError
+from unet_pipeline.flood import flood_levels, seeded_watershed
 from unet_pipeline.geometry import Box
 from unet_pipeline import schema
 from unet_pipeline.schema import choices
 
 log = logging.getLogger(__name__)
 
-FIRST_HALO_PX = 64
+MIN_HALO_PX = 64
+WATERSHED_TILE_PX = 1024
 
 
 @dataclass(frozen=True)
@@ -60,7 +68,7 @@ class SegmentationSettings:
     connectivity: str
     seed_threshold: float | None = None
     min_seed_px: int | None = None
-    max_halo_px: int | None = None  # watershed blocks: how far the halo may grow (None: the schema default)
+    max_halo_px: int | None = None  # watershed blocks: how far beyond a block it may read (None: schema default)
 
     def __post_init__(self):
         if self.method not in ("threshold", "watershed"):
@@ -79,8 +87,8 @@ class SegmentationSettings:
                                   f"{self.seed_threshold}")
             if self.min_seed_px is None or self.min_seed_px < 1:
                 raise ConfigError(f"segment.watershed.min_seed_px must be at least 1, got {self.min_seed_px}")
-            if self.max_halo_px is not None and self.max_halo_px < FIRST_HALO_PX:
-                raise ConfigError(f"segment.watershed.max_halo_px must be at least {FIRST_HALO_PX}, got "
+            if self.max_halo_px is not None and self.max_halo_px < MIN_HALO_PX:
+                raise ConfigError(f"segment.watershed.max_halo_px must be at least {MIN_HALO_PX}, got "
                                   f"{self.max_halo_px}")
 
     def to_dict(self) -> dict:
@@ -120,8 +128,6 @@ def _watershed_slice(prob: np.ndarray, settings: SegmentationSettings, origin_fl
 
     `origin_flat` maps each pixel of the slice to its flat index in the volume.
     """
-    from skimage.segmentation import watershed
-
     mask = prob > settings.threshold
     seeds, count = ndimage.label(prob > settings.seed_threshold, FOUR)
     if count:
@@ -140,7 +146,7 @@ def _watershed_slice(prob: np.ndarray, settings: SegmentationSettings, origin_fl
     if lonely.any():
         extra, _ = ndimage.label(lonely, FOUR)
         markers = np.where(lonely, extra + markers.max(), markers)
-    regions = watershed(1.0 - prob, markers, connectivity=1, mask=mask, watershed_line=True)
+    regions = seeded_watershed(flood_levels(prob), markers, mask)
     n = int(markers.max())
     keys = np.full(n + 1, np.iinfo(np.int64).max, np.int64)
     if n:
@@ -190,53 +196,80 @@ def label_block(read: Callable[[Box], np.ndarray], block: Box, volume: tuple[int
 
     `read(box)` returns cell probability (float64) of a box inside the volume.
     Threshold: labels of the block alone (joined across faces later), keys
-    None. Watershed: the block read with a growing halo until complete, so the
-    labels equal the whole-volume ones (unless the halo reached its bound: see
+    None. Watershed: tile by tile, each flooded over the mask components it
+    touches, so the labels equal the whole-volume ones (unless a component
+    is larger than the halo: see
     the module docstring); keys[i] identifies local id i's cell.
     """
     if settings.method == "threshold":
         labels, _ = ndimage.label(read(block) > settings.threshold, structure(settings.connectivity))
         return labels.astype(np.uint32), None
-    limit = settings.max_halo_px or schema.default("segment.watershed.max_halo_px")
-    halo = min(FIRST_HALO_PX, limit)
-    while True:
-        region = block.grow((0, halo, halo)).clip(volume)
-        prob = read(region)
-        if _complete(prob > settings.threshold, region, block, volume):
-            break
-        if halo >= limit:
-            log.warning("block %s: a cell region reaching into it extends beyond the %d px halo bound "
-                        "(segment.watershed.max_halo_px); labelled with that halo, so cells near its border may "
-                        "differ from a whole-slice watershed", block, limit)
-            break
-        halo = min(2 * halo, limit)
-    inner = block.relative_to(region.start).slices
     keyed = np.full(block.shape, -1, np.int64)
-    for z in range(region.shape[0]):
-        regions, keys = _watershed_slice(prob[z], settings, _flat_indices(region, z, volume))
-        keyed[z] = np.where(regions[inner[1:]] > 0, keys[regions[inner[1:]]], -1)
+    for tile in _tiles(block, WATERSHED_TILE_PX):
+        keyed[tile.relative_to(block.start).slices] = _watershed_keys(read, tile, volume, settings)
     return _number_by_appearance(keyed)
 
 
-def _complete(mask: np.ndarray, region: Box, block: Box, volume: tuple[int, ...]) -> bool:
-    """Whether every mask component that reaches into `block` lies wholly inside `region` (per slice).
+def _tiles(block: Box, side: int):
+    """The block cut in y and x into tiles of at most `side` pixels a side."""
+    for y in range(block.start[1], block.stop[1], side):
+        for x in range(block.start[2], block.stop[2], side):
+            yield Box((block.start[0], y, x), (block.stop[0], min(y + side, block.stop[1]),
+                                               min(x + side, block.stop[2])))
+
+
+def _watershed_keys(read: Callable[[Box], np.ndarray], tile: Box, volume: tuple[int, ...],
+                    settings: SegmentationSettings) -> np.ndarray:
+    """The key of each pixel's cell (-1 = membrane) in `tile`, flooded over the mask components it touches.
+
+    Reads the tile with the largest halo once, and floods only the bounding
+    box of the mask components that reach into the tile: a region depends on
+    its component alone (seeds lie inside the mask), so this is the
+    whole-slice result wherever those components are whole.
+    """
+    limit = settings.max_halo_px or schema.default("segment.watershed.max_halo_px")
+    region = tile.grow((0, limit, limit)).clip(volume)
+    prob = read(region)
+    needed, whole = _components_around(prob > settings.threshold, region, tile, volume)
+    if not whole:
+        log.warning("block %s: a cell region reaching into it extends beyond the %d px halo bound "
+                    "(segment.watershed.max_halo_px); labelled with that halo, so cells near its border may "
+                    "differ from a whole-slice watershed", tile, limit)
+    prob = prob[needed.relative_to(region.start).slices]
+    inner = tile.relative_to(needed.start).slices
+    keyed = np.full(tile.shape, -1, np.int64)
+    for z in range(needed.shape[0]):
+        regions, keys = _watershed_slice(prob[z], settings, _flat_indices(needed, z, volume))
+        keyed[z] = np.where(regions[inner[1:]] > 0, keys[regions[inner[1:]]], -1)
+    return keyed
+
+
+def _components_around(mask: np.ndarray, region: Box, tile: Box, volume: tuple[int, ...]) -> tuple[Box, bool]:
+    """The box around `tile` and every mask component reaching into it (per slice, in y and x), within
+    `region`; and whether all those components lie wholly inside `region`.
 
     A component touching a side of the region that is not the volume's edge
-    may continue outside it: the halo must grow.
+    may continue outside it.
     """
-    inner = block.relative_to(region.start).slices
-    open_sides = [(1, 0, region.start[1] > 0), (1, -1, region.stop[1] < volume[1]),
-                  (2, 0, region.start[2] > 0), (2, -1, region.stop[2] < volume[2])]
+    inner = tile.relative_to(region.start).slices
+    lo = [tile.start[1] - region.start[1], tile.start[2] - region.start[2]]
+    hi = [tile.stop[1] - region.start[1], tile.stop[2] - region.start[2]]
+    whole = True
     for z in range(mask.shape[0]):
         components, n = ndimage.label(mask[z], FOUR)
         if not n:
             continue
         wanted = np.unique(components[inner[1:]])
-        wanted = wanted[wanted > 0]
-        for axis, index, is_open in open_sides:
-            if not is_open:
-                continue
-            edge = np.take(components, index, axis=axis - 1)
-            if np.isin(wanted, edge).any():
-                return False
-    return True
+        boxes = ndimage.find_objects(components)
+        for box in (boxes[i - 1] for i in wanted[wanted > 0]):
+            for axis in (0, 1):
+                lo[axis] = min(lo[axis], box[axis].start)
+                hi[axis] = max(hi[axis], box[axis].stop)
+    for axis in (0, 1):
+        is_open_lo = region.start[axis + 1] > 0
+        is_open_hi = region.stop[axis + 1] < volume[axis + 1]
+        if (lo[axis] == 0 and is_open_lo) or (hi[axis] == region.shape[axis + 1] and is_open_hi):
+            whole = False
+    start = (tile.start[0], region.start[1] + lo[0], region.start[2] + lo[1])
+    stop = (tile.stop[0], region.start[1] + hi[0], region.start[2] + hi[1])
+    return Box(start, stop), whole

@@ -171,8 +171,9 @@ class Planner:
         # int64 keys and labels, scipy's and skimage's scratch
         halo = 2 * self.config["segment"]["watershed"]["max_halo_px"]
         mem = self.cpu_threads * 40 * grid.block[0] * (grid.block[1] + halo) * (grid.block[2] + halo)
-        return self._stage("segment", "segment.parts", self.config["segment"]["parts"], grid,
-                           self.speed["segment"], self.cpu_threads, mem)
+        speed = self.speed["segment" if self.config["segment"]["method"] == "threshold" else "watershed"]
+        return self._stage("segment", "segment.parts", self.config["segment"]["parts"], grid, speed,
+                           self.cpu_threads, mem)
 
     def join(self) -> Job:
         """The one job that joins labels across block faces: memory grows with the faces, not the voxels."""
