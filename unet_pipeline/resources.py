@@ -27,7 +27,6 @@ FRAMEWORK_MB = 500          # Python, NumPy, zarr, dask in a CPU job
 TORCH_FRAMEWORK_MB = 2000   # torch and, on a GPU node, the CUDA libraries (about 250 MB measured on a CPU)
 START_MINUTES = 10          # queueing a job's start-up, imports, opening stores
 MARGIN = 1.5                # on the runtime at the configured throughput
-OUT_ITEMSIZE = {"uint8": 1, "float16": 2, "float32": 4}
 # Strips the prediction's reader keeps ahead of the network: enough to hide a read behind it.
 READ_AHEAD = 2
 
@@ -159,7 +158,7 @@ class Planner:
         grid = self.grid("predict")
         margin = UNetConfig(**self.config["model"]).context_margin
         mem = predict_buffer_bytes(self.shape, self.raw_itemsize, grid.block, margin, pred["tile_size"], pred["writers"],
-                           OUT_ITEMSIZE[pred["dtype"]])
+                           np.dtype(pred["dtype"]).itemsize)
         speed = self.speed["predict"] / len(tta_transforms(pred["tta"]))
         return self._stage("predict", "predict.parts", pred["parts"], grid, speed, self.gpu_threads, mem,
                            TORCH_FRAMEWORK_MB, z_align=self.config["preprocess"]["chunks"][0])
@@ -264,7 +263,7 @@ def dataset_plan(config: dict, name: str, shape, predicted: bool) -> DatasetPlan
         plan.weights = Job(1, FRAMEWORK_MB + math.ceil(MARGIN * 48 * slice_voxels / MB),
                            _runtime(planner.voxels, 2.0))
     if predicted:
-        out_itemsize = OUT_ITEMSIZE[config["predict"]["dtype"]]
+        out_itemsize = np.dtype(config["predict"]["dtype"]).itemsize
         plan.probabilities = planner.store("predict", planner.predict(), out_itemsize, f"{name} probabilities")
         plan.segmentation = planner.store("predict", planner.segment(), 4, f"{name} segmentation")
         plan.join = planner.join()
