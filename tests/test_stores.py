@@ -61,7 +61,10 @@ def test_flipped_bytes_in_a_shard_are_an_error_naming_the_file(tmp_path, shard, 
     path, _ = raw_store(tmp_path, (2, 150, 90), chunks=(1, 32, 32), chunks_per_file=(1, 2, 2))
     file = path / "0" / "c" / shard
     blob = bytearray(file.read_bytes())
-    blob[40] ^= 0xFF  # inside the first chunk's compressed bytes
+    # the shard index at the file's end: (offset, size) per chunk, C order, then its CRC32C. zarrs writes the
+    # chunks in whatever order its threads finish them, so the first chunk's bytes are found through it.
+    offset, size = np.frombuffer(bytes(blob[-(4 * 16 + 4):-4]), "<u8").reshape(4, 2)[0]
+    blob[offset + size // 2] ^= 0xFF  # inside the compressed bytes of the shard's first chunk, the one read
     file.write_bytes(bytes(blob))
     image = stores.open_image(path)
     y = 0 if shard == "0/0/0" else 64
