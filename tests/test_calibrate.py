@@ -83,3 +83,34 @@ def test_a_lower_rand_error_is_not_bought_with_pixel_error_beyond_the_allowance(
     assert chosen["pixel_error"] <= record["pixel_error_bound"]
     assert record["pixel_error_bound"] == pytest.approx(record["methods"]["threshold"]["pixel_error"]
                                                         + PIXEL_ERROR_ALLOWANCE)
+
+
+def test_the_calibrate_command_chooses_on_validation_slices_predicted_and_stored_as_predict_does(tmp_path, tiff_pair):
+    from tests.conftest import random_checkpoint
+    from unet_pipeline.cli import main
+    from unet_pipeline.calibrate import choose_for_model
+    from unet_pipeline.inference import load_predictor
+    from unet_pipeline.model import UNetConfig
+    from unet_pipeline.preprocess import preprocess
+    from unet_pipeline.train import load_labelled
+
+    raw, labels = tiff_pair
+    preprocess(raw, tmp_path / "raw.ome.zarr", labels, tmp_path / "labels.ome.zarr", chunks=(1, 64, 64),
+               chunks_per_file=(1, 1, 1))
+    checkpoint = random_checkpoint(tmp_path / "model.pt", UNetConfig(depth=2, base_channels=4))
+    dataset = {"name": "d", "raw": str(tmp_path / "raw.ome.zarr"), "labels": str(tmp_path / "labels.ome.zarr"),
+               "validate": "1-2"}
+    args = ["calibrate", "--checkpoint", str(checkpoint), "--tile-size", "36", "--tta", "flips", "--device", "cpu",
+            "--precision", "fp32", "--threads", "1"]
+    for dtype in ("uint8", "float32"):
+        out = tmp_path / f"{dtype}.json"
+        assert main([*args, "--datasets", json.dumps([dataset]), "--dtype", dtype, "--out", str(out)]) == 0
+        record = json.loads(out.read_text())
+        images, truth = load_labelled(dataset["raw"], dataset["labels"], [1, 2])
+        predictor = load_predictor(checkpoint, "cpu", "fp32", "flips", 36)
+        assert record == json.loads(json.dumps(choose_for_model(predictor, images, truth, dtype)))
+        assert record["validation_slices"] == 2 and record["candidates_tried"] > 100
+    # without validation slices: the default, recorded as such
+    out = tmp_path / "none.json"
+    main([*args, "--datasets", json.dumps([{**dataset, "validate": None}]), "--out", str(out)])
+    assert json.loads(out.read_text()) == default_record("2d")

@@ -1,4 +1,5 @@
 """The CLI reports user errors as one sentence and exit status 2."""
+import json
 import subprocess
 import sys
 
@@ -74,6 +75,9 @@ def _bad_cases(tmp_path):
         (["train", "--datasets", "[{not json", "--out", out], "--datasets is not valid JSON"),
         (["predict", "--raw", missing, "--checkpoint", str(tmp_path / "m.pt"), "--out", out],
          "m.pt: checkpoint not found"),
+        (["calibrate", "--checkpoint", str(tmp_path / "m.pt"), "--out", out, "--datasets",
+          json.dumps([{"name": "d", "raw": missing, "labels": missing, "validate": "0"}])],
+         "missing.ome.zarr: OME-Zarr not found"),
         (["finish", "--from", str(tmp_path / "no-summary.json")], "no-summary.json: not a part summary"),
         (["pyramid", "--from", str(tmp_path / "no-summary.json"), "--level", "1"], "no-summary.json: not a part"),
         (["segment", "--prob", missing, "--out", out, "--method", "threshold", "--threshold", "0.5"],

@@ -24,7 +24,8 @@ def config():
 def _parse(command: str, args: str):
     """The stage's own CLI parser reads the arguments the workflow would pass."""
     required = {"preprocess": "--raw r --out o", "weights": "--labels l --out o", "train": "--out o",
-                "predict": "--raw r --checkpoint c --out o", "segment": "--prob p --out o",
+                "predict": "--raw r --checkpoint c --out o",
+                "calibrate": "--checkpoint c --out o", "segment": "--prob p --out o",
                 "evaluate": "--prob p --labels l --out-json a --out-slices b --out-curves c",
                 "synth": "--out-raw a --out-labels b", "finish": "--from m", "pyramid": "--from m --level 1"}[command]
     return build_parser().parse_args([command, *shlex.split(required), *shlex.split(args)])
@@ -49,8 +50,13 @@ def test_every_stage_argument_comes_from_its_config_key(config):
     assert (a.threshold, a.connectivity, a.pyramid_levels) == (0.3, "3d", 3)
     a = _parse("train", stages.train(cfg))
     assert json.loads(a.train) == cfg["train"] and [d["name"] for d in json.loads(a.datasets)] == ["synthetic-train"]
-    # segmentation settings are chosen on probabilities made as predict makes them
-    assert (a.probability_tile_size, a.probability_tta, a.probability_dtype) == (196, "d4", "uint8")
+    # segmentation settings are chosen on validation slices, on probabilities made as predict makes them
+    a = _parse("calibrate", stages.calibrate(cfg))
+    assert (a.tile_size, a.tta, a.dtype, a.precision, a.device) == (196, "d4", "uint8", cfg["predict"]["precision"],
+                                                                    cfg["predict"]["device"])
+    assert [(d["name"], d["validate"]) for d in json.loads(a.datasets)] == [
+        ("synthetic-train", cfg["datasets"]["synthetic-train"]["validate"])]
+    assert json.loads(a.run_config) == stages.training_config(cfg)
     a = _parse("weights", stages.weights(cfg, "synthetic-train"))
     assert (a.w0, a.sigma_px) == (cfg["weights"]["w0"], cfg["weights"]["sigma_px"])
     a = _parse("evaluate", stages.evaluate(cfg, "synthetic-test"))

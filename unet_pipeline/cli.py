@@ -191,13 +191,27 @@ def cmd_weights(a):
     print(f"wrote {a.out}")
 
 
+def _datasets(text: str, keys: set[str], use: str) -> list[dict]:
+    """--datasets: a JSON list of objects with at least `keys` (ConfigError naming the option otherwise)."""
+    datasets = _json(text, "--datasets")
+    if not isinstance(datasets, list) or not all(isinstance(d, dict) and keys <= set(d) for d in datasets):
+        raise ConfigError(f"--datasets must be a JSON list of objects with {', '.join(sorted(keys))} ({use})")
+    return datasets
+
+
+def _slices_of(ds: dict, key: str) -> list[int]:
+    """The dataset's `key` slices (train, validate) as indices of its raw store."""
+    from unet_pipeline.config import parse_slices
+    from unet_pipeline.stores import open_image
+
+    return parse_slices(ds.get(key), open_image(ds["raw"]).shape[0], f"datasets.{ds['name']}.{key}")
+
+
 def cmd_train(a):
     """`unet-pipeline train`: train the U-Net on the datasets' training slices, validating on their validation slices."""
     import torch
 
-    from unet_pipeline.config import parse_slices
     from unet_pipeline.model import UNetConfig
-    from unet_pipeline.stores import open_image
     from unet_pipeline.train import SliceSet, TrainConfig, load_slices, train, train_data_parallel
 
     _use_threads(a.threads)
@@ -207,15 +221,8 @@ def cmd_train(a):
     gpus = int(train_values.pop("gpus", 1))
     cfg = TrainConfig.from_dict(train_values)
     train_parts, val_parts = [], []
-    datasets = _json(a.datasets, "--datasets")
-    if not isinstance(datasets, list) or not all(isinstance(d, dict) and {"name", "raw", "labels", "weights"} <= set(d)
-                                                 for d in datasets):
-        raise ConfigError("--datasets must be a JSON list of objects with name, raw, labels, weights (and train, "
-                          "validate)")
-    for ds in datasets:
-        n = open_image(ds["raw"]).shape[0]
-        tr = parse_slices(ds.get("train"), n, f"datasets.{ds['name']}.train")
-        va = parse_slices(ds.get("validate"), n, f"datasets.{ds['name']}.validate")
+    for ds in _datasets(a.datasets, {"name", "raw", "labels", "weights"}, "and train, validate"):
+        tr, va = _slices_of(ds, "train"), _slices_of(ds, "validate")
         if tr:
             train_parts.append(load_slices(ds["raw"], ds["labels"], ds["weights"], tr))
         if va:
@@ -224,9 +231,7 @@ def cmd_train(a):
         raise PipelineError("no training slices: set datasets.<name>.train for a dataset with labels")
     kwargs = dict(model_cfg=model_cfg, cfg=cfg, train_data=SliceSet.concatenate(train_parts),
                   val_data=SliceSet.concatenate(val_parts) if val_parts else None, out_dir=a.out,
-                  resume=a.resume, progress=not a.no_progress, run_config=_json(a.run_config, "--run-config", {}),
-                  probability_dtype=a.probability_dtype, probability_tta=_tta(a.probability_tta),
-                  probability_tile_size=a.probability_tile_size)
+                  resume=a.resume, progress=not a.no_progress, run_config=_json(a.run_config, "--run-config", {}))
     world = gpus if torch.cuda.is_available() else a.cpu_processes
     world = min(world, torch.cuda.device_count()) if torch.cuda.is_available() else world
     best = train_data_parallel(world, **kwargs) if world > 1 else train(**kwargs)
@@ -234,6 +239,38 @@ def cmd_train(a):
 
     plot_training(Path(a.out) / "training_log.csv", Path(a.out) / "training.png")
     print(f"trained model: {best}; loss and validation curves: {Path(a.out) / 'training.png'}")
+
+
+def cmd_calibrate(a):
+    """`unet-pipeline calibrate`: choose the segmentation settings on the validation slices, as predict predicts."""
+    import numpy as np
+    import torch
+
+    from unet_pipeline import calibrate
+    from unet_pipeline.errors import InputError
+    from unet_pipeline.geometry import UNetConfig
+    from unet_pipeline.inference import load_predictor
+    from unet_pipeline.train import load_labelled
+
+    _use_threads(a.threads)
+    torch.set_num_threads(a.threads)
+    parts = [load_labelled(ds["raw"], ds["labels"], slices)
+             for ds in _datasets(a.datasets, {"name", "raw", "labels"}, "and validate")
+             if (slices := _slices_of(ds, "validate"))]
+    if not parts:
+        calibrate.write_record(a.out, calibrate.default_record("2d"))
+        print(f"no validation slices: {a.out} records the default threshold 0.5")
+        return
+    if len({images.shape[1:] for images, _ in parts}) > 1:
+        raise InputError(f"validation slices differ in size {sorted({i.shape[1:] for i, _ in parts})}; use "
+                         "datasets of one slice size.")
+    expected = UNetConfig(**_json(a.model, "--model")) if a.model else None
+    predictor = load_predictor(a.checkpoint, a.device, a.precision, _tta(a.tta), a.tile_size, None, expected,
+                               expected_training=_json(a.run_config, "--run-config"))
+    record = calibrate.choose_for_model(predictor, np.concatenate([i for i, _ in parts]),
+                                        np.concatenate([t for _, t in parts]), a.dtype)
+    calibrate.write_record(a.out, record)
+    print(f"segmentation chosen on {record['validation_slices']} validation slices: {record['method']} ({a.out})")
 
 
 def cmd_predict(a):
@@ -424,13 +461,24 @@ def build_parser() -> argparse.ArgumentParser:
     threads(s)
     s.add_argument("--cpu-processes", type=_positive, default=1, help="data-parallel CPU processes (gloo) without "
                                                                       "GPUs")
-    s.add_argument("--probability-dtype", default=d("predict.dtype"), choices=schema.choices("predict.dtype"),
-                   help="predict's dtype: segmentation settings are chosen on probabilities made as predict makes them")
-    s.add_argument("--probability-tta", default=str(d("predict.tta")), help="predict's test-time augmentation")
-    s.add_argument("--probability-tile-size", type=_positive, default=d("predict.tile_size"),
-                   help="predict's tile size")
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("calibrate", help="choose the segmentation settings on the validation slices with the "
+                                         "trained model, predicting them as predict will")
+    s.add_argument("--checkpoint", required=True, help="the trained model (model.pt)")
+    s.add_argument("--datasets", required=True, help="JSON list of {name, raw, labels, validate}")
+    s.add_argument("--model", help="JSON of the model section: refuse a checkpoint trained with another one")
+    s.add_argument("--run-config", help="JSON of the training config expected of the checkpoint (as predict's)")
+    s.add_argument("--out", required=True, help="where the choice is written (segmentation.json)")
+    s.add_argument("--tile-size", type=_positive, default=d("predict.tile_size"), help="predict's tile size")
+    s.add_argument("--dtype", default=d("predict.dtype"), choices=schema.choices("predict.dtype"),
+                   help="the dtype predict stores probabilities as")
+    s.add_argument("--tta", default=str(d("predict.tta")), help="predict's test-time augmentation")
+    s.add_argument("--device", default=d("predict.device"))
+    s.add_argument("--precision", default=d("predict.precision"), choices=schema.choices("predict.precision"))
+    threads(s)
+    s.set_defaults(func=cmd_calibrate)
 
     s = sub.add_parser("predict", help="overlap-tile prediction into a probability OME-Zarr")
     s.add_argument("--raw", required=True, help="the raw OME-Zarr written by preprocess")

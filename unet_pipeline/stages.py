@@ -128,9 +128,19 @@ def train(config: dict) -> str:
         for n in training_datasets(config)
     ]
     return _join(("--datasets", json.dumps(datasets)), ("--model", config["model"]),
-                 ("--train", config["train"]), ("--run-config", training_config(config)),
-                 *(("--probability-" + key.replace("_", "-"), config["predict"][key])
-                   for key in ("dtype", "tta", "tile_size")))
+                 ("--train", config["train"]), ("--run-config", training_config(config)))
+
+
+def calibrate(config: dict) -> str:
+    """The validation slices, and everything of predict's that shapes the probabilities they are scored on."""
+    results, pred = config["results_dir"], config["predict"]
+    datasets = [{"name": n, "raw": f"{results}/{n}/raw.ome.zarr", "labels": f"{results}/{n}/labels.ome.zarr",
+                 "validate": config["datasets"][n].get("validate")}
+                for n in training_datasets(config)]
+    return _join(("--datasets", json.dumps(datasets)), ("--model", config["model"]),
+                 ("--run-config", training_config(config)), ("--tile-size", pred["tile_size"]),
+                 ("--dtype", pred["dtype"]), ("--tta", pred["tta"]), ("--device", pred["device"]),
+                 ("--precision", pred["precision"]))
 
 
 def predict(config: dict) -> str:

@@ -38,7 +38,6 @@ from unet_pipeline.checkpoint import load_checkpoint, save_checkpoint
 from unet_pipeline import schema
 from unet_pipeline.device import autocast, describe, resolve_device, resolve_dtype, tune_convolutions
 from unet_pipeline.errors import ConfigError, InputError
-from unet_pipeline.geometry import tta_transforms
 from unet_pipeline.metrics import aggregate, slice_statistics
 from unet_pipeline.model import UNet, UNetConfig
 from unet_pipeline.inference import Predictor
@@ -115,20 +114,23 @@ class SliceSet:
         return cls(*(np.concatenate([getattr(p, k) for p in parts]) for k in ("images", "labels", "weights")))
 
 
-def load_slices(raw_path, labels_path, weights_path, slices: list[int]) -> SliceSet:
-    """Slices of a dataset's stores in memory: normalised images, class labels (1 = cell), weight maps."""
+def load_labelled(raw_path, labels_path, slices: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Slices of a dataset in memory: normalised images (float32) and class labels (uint8, 1 = cell)."""
     raw = stores.open_image(raw_path)
     normalise = Normaliser.from_attrs(raw.attrs, str(raw_path))
     labels = stores.open_image(labels_path)
-    weights = stores.open_image(weights_path)
     bad = [z for z in slices if not 0 <= z < raw.shape[0]]
     if bad:
         raise ConfigError(f"slices {bad} are outside {raw_path} (it has {raw.shape[0]} slices)")
-    return SliceSet(
-        np.stack([normalise(np.asarray(raw[z])) for z in slices]),
-        np.stack([(np.asarray(labels[z]) > 0).astype(np.uint8) for z in slices]),
-        np.stack([np.asarray(weights[z]) for z in slices]).astype(np.float32),
-    )
+    return (np.stack([normalise(np.asarray(raw[z])) for z in slices]),
+            np.stack([(np.asarray(labels[z]) > 0).astype(np.uint8) for z in slices]))
+
+
+def load_slices(raw_path, labels_path, weights_path, slices: list[int]) -> SliceSet:
+    """Slices of a dataset's stores in memory: normalised images, class labels (1 = cell), weight maps."""
+    images, labels = load_labelled(raw_path, labels_path, slices)
+    weights = stores.open_image(weights_path)
+    return SliceSet(images, labels, np.stack([np.asarray(weights[z]) for z in slices]).astype(np.float32))
 
 
 def weighted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -198,17 +200,15 @@ def train(
     progress: bool = True,
     run_config: dict | None = None,
     max_steps_now: int | None = None,
-    probability_dtype: str = "float32",
-    probability_tta: str | int = "none",
-    probability_tile_size: int | None = None,
 ) -> Path:
     """Train and return the path of the best model checkpoint (`model.pt` in out_dir).
 
     out_dir receives `last.pt` (for resuming), `best.pt` (best by validation
     Rand error so far), and when the run is finished `model.pt` (the best, or
-    the last without a validation set), `segmentation.json` (the segmentation
-    settings chosen on the validation slices, `calibrate`) and
-    `training_log.csv`.
+    the last without a validation set) and `training_log.csv`. The
+    segmentation settings are chosen afterwards, by `calibrate`, on
+    validation slices predicted as predict will predict: a job of its own, so
+    that a change of predict's settings never retrains the network.
     `max_steps_now` stops after that many steps of this call (to fit a job's
     time limit); a later call with `resume=True` continues exactly.
 
@@ -259,7 +259,7 @@ def train(
         log_rows = list(state["log"])
         log.info("%s: resuming at step %d of %d", last_path, step, cfg.steps)
     elif rank == 0:
-        for stale in (best_path, model_path, log_path, out_dir / SEGMENTATION_RECORD):  # not another run's results
+        for stale in (best_path, model_path, log_path):  # not another run's results
             stale.unlink(missing_ok=True)
     net = torch.nn.parallel.DistributedDataParallel(model) if distributed else model
 
@@ -347,35 +347,8 @@ def train(
             checkpoint(last_path)  # stopped early (max_steps_now): resumable from here
         else:
             _finish(out_dir, fingerprint, val_data is not None, checkpoint)
-            _choose_segmentation(out_dir, model_cfg, val_data, device, dtype,
-                                 probability_tile_size or cfg.tile_size, probability_tta, probability_dtype)
         _write_log(log_path, log_rows)
     return model_path
-
-
-SEGMENTATION_RECORD = "segmentation.json"
-
-
-def _choose_segmentation(out_dir: Path, model_cfg: UNetConfig, val_data: SliceSet | None, device, dtype,
-                         tile_size: int, tta, probability_dtype: str) -> None:
-    """Choose the segmentation settings on the validation slices with the published model (`calibrate`).
-
-    On probabilities made as predict will make and store them (its tile
-    size, test-time augmentation and dtype), since those are what the
-    segmentation reads: on ISBI 2012, settings chosen without predict's d4
-    averaging scored Rand 0.026 on the test slices instead of 0.023.
-    """
-    from unet_pipeline import calibrate
-
-    record_path = out_dir / SEGMENTATION_RECORD
-    if val_data is None:
-        calibrate.write_record(record_path, calibrate.default_record("2d"))
-        return
-    model = UNet(model_cfg).to(device).to(memory_format=torch.channels_last)
-    model.load_state_dict(load_checkpoint(out_dir / "model.pt")["model"])
-    prob = Predictor(model, device, tile_size, dtype, tta_transforms(tta)).predict_image(val_data.images)
-    prob = stores.as_stored_probability(prob, probability_dtype)
-    calibrate.write_record(record_path, calibrate.calibrate(prob, val_data.labels, "2d"))
 
 
 def _finish(out_dir: Path, fingerprint: str, validated: bool, checkpoint) -> None:

@@ -5,7 +5,7 @@ import os
 import shlex
 
 from unet_pipeline import stages
-from unet_pipeline.config import has_slices
+from unet_pipeline.config import has_slices, parse_slices
 from unet_pipeline.errors import ConfigError
 from unet_pipeline.resources import Planner, dataset_plan
 
@@ -91,6 +91,25 @@ def train_runtime_min():
     """Walltime request: steps at the configured speed, plus validation and a 50% margin."""
     steps = config["train"]["steps"]
     return 10 + math.ceil(1.5 * steps / CLUSTER["train_steps_per_s"] / 60)
+
+
+def validation_px():
+    """Pixels of all validation slices (what the calibrate job predicts and segments in memory)."""
+    return sum(len(parse_slices(config["datasets"][n].get("validate"), SHAPES[n][0], n)) * SHAPES[n][1] * SHAPES[n][2]
+               for n in TRAINING)
+
+
+def calibrate_mem_mb():
+    """The network and its tiles (~3 GB), and ~120 bytes a validation pixel: image, probabilities, candidates."""
+    return 3000 + math.ceil(validation_px() * 120 / 1e6)
+
+
+def calibrate_runtime_min():
+    """Prediction and every candidate setting, each segmented and scored, at the configured watershed speed."""
+    from unet_pipeline.calibrate import CANDIDATES  # numba: imported only when the job is planned
+
+    seconds = validation_px() * CANDIDATES / (CLUSTER["throughput_mvoxel_per_s"]["watershed"] * 1e6)
+    return 10 + math.ceil(1.5 * seconds / 60)
 
 
 # --------------------------------------------------------------------------- block-wise stores

@@ -1,6 +1,6 @@
 # Segmentation in three steps: label blocks (parts), join labels across block borders (one small job),
 # write each block's final ids (parts); `finish` then builds the pyramid and publishes the store.
-# Settings left at `auto` are those chosen on the validation slices when training finished.
+# Settings left at `auto` are those chosen on the validation slices by the calibrate job (train.smk).
 
 
 rule segment_label:
