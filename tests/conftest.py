@@ -124,3 +124,15 @@ def kill_after_blocks(args: list[str], partial_dir_glob: Path, blocks: int, env:
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     return recorded()
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory):
+    """One whole run of the tiny workflow (tests/test_workflow.py's TINY), shared by the workflow and SLURM tests;
+    tests that change it work on a copy."""
+    from tests.test_workflow import snakemake, write_tiny
+
+    workdir = write_tiny(tmp_path_factory.mktemp("finished"))
+    run = snakemake(workdir)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return workdir, run

@@ -33,10 +33,11 @@ TINY = {
                   "train": "0-1", "validate": "2", "predict": False},
         "test": {"raw": "data/test-raw.tif", "labels": "data/test-labels.tif", "test": "all"},
     },
-    "preprocess": {"chunks": [1, 32, 32], "voxel_size_nm": [50, 4, 4]},
+    # one chunk per file: several blocks per slice, so that stages split into parts
+    "preprocess": {"chunks": [1, 32, 32], "chunks_per_file": [1, 1, 1], "voxel_size_nm": [50, 4, 4]},
     "model": {"depth": 2, "base_channels": 4},
     "train": {"steps": 6, "tile_size": 20, "validate_every": 3, "checkpoint_every": 3, "device": "cpu"},
-    "predict": {"tile_size": 36, "chunks": [1, 32, 48], "chunks_per_file": [1, 1, 1], "parts": 2},
+    "predict": {"tile_size": 36, "chunks": [1, 32, 32], "chunks_per_file": [1, 1, 1], "parts": 2},
 }
 
 
@@ -57,15 +58,6 @@ def snakemake(workdir: Path, *args, config: str = "config.yaml"):
          "--configfile", str(workdir / config), "--cores", "2", "--resources", "gpu=1", *args],
         capture_output=True, text=True, env={**os.environ, "PATH": BARE_PATH},
     )
-
-
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory):
-    """One whole run of the tiny workflow, shared by the tests below; tests that change it work on a copy."""
-    workdir = write_tiny(tmp_path_factory.mktemp("finished"))
-    run = snakemake(workdir)
-    assert run.returncode == 0, run.stderr[-3000:]
-    return workdir, run
 
 
 def _copy(workdir: Path, tmp_path: Path) -> Path:
@@ -150,8 +142,10 @@ def test_whole_workflow_runs_and_outputs_open_in_ome_zarr_reader(finished_run):
     assert stored["train"]["steps"] == TINY["train"]["steps"] and set(stored["datasets"]) == {"train"}
 
 
-PREDICTION = {"predict": 2, "finish": 2, "segment_label": 1, "segment_join": 1, "segment_relabel": 1, "evaluate": 1,
-              "report": 1, "all": 1}
+# what a change of predict's settings reruns: the prediction, and the choice of the segmentation settings on
+# validation slices predicted the same way (not the training)
+PREDICTION = {"predict": 2, "finish": 2, "calibrate": 1, "segment_label": 1, "segment_join": 1, "segment_relabel": 1,
+              "evaluate": 1, "report": 1, "all": 1}
 TRAINING = {"train": 1, **PREDICTION}
 
 
@@ -229,7 +223,7 @@ def _stack_pair(folder: Path, raw: np.ndarray, labels: np.ndarray, raw_name="raw
 @pytest.mark.slow
 @pytest.mark.parametrize("damage, expected", [
     ("labels", "labels.tif (slice 0): labels are not binary"),
-    ("nan", "raw.tif (slices 0-0, rows 0-63): 1 voxels are NaN or infinite"),
+    ("nan", "raw.tif (slices 0-0, rows 0-31): 1 voxels are NaN or infinite"),  # the block of 32 rows
 ])
 def test_a_stage_error_reaches_the_terminal_as_one_sentence(tmp_path, damage, expected):
     raw, labels = synthesize_labels_and_raw(2, (64, 80), seed=1, cell_diameter_px=20)
@@ -297,30 +291,21 @@ def test_dry_run_on_a_fresh_directory_lists_every_job(tmp_path):
         assert f"rule {rule}:" in run.stdout + run.stderr, rule
 
 
-PARTS = {"preprocess": {"chunks": [1, 32, 32], "chunks_per_file": [1, 1, 1], "voxel_size_nm": [50, 4, 4]},
-         "predict": {"tile_size": 36, "chunks": [1, 32, 32], "chunks_per_file": [1, 1, 1]}}
-
-
 @pytest.mark.slow
-def test_one_part_and_three_parts_per_stage_write_identical_stores(tmp_path):
-    stores_written = {}
-    for parts in (1, 3):
-        workdir = tmp_path / f"parts-{parts}"
-        config = {**TINY, **PARTS, "predict": {**PARTS["predict"], "parts": parts},
-                  "preprocess": {**PARTS["preprocess"], "parts": parts}, "segment": {"parts": parts}}
-        if parts == 3:  # slow pyramid throughput: level 1 of every store gets jobs of its own
-            config["cluster"] = {"throughput_mvoxel_per_s": {"pyramid": 1e-6}}
-        write_tiny(workdir, config)
-        plan = planned_jobs(workdir, config)
-        if parts == 3:
-            assert plan["preprocess"] == 2 * 3 and plan["predict"] == 3 and plan["segment_label"] == 3
-            assert plan["pyramid"] >= 2 * 4  # levels 1 and 2 of raw, labels, probabilities, segmentation
-        run = snakemake(workdir)
-        assert run.returncode == 0, run.stderr[-3000:]
-        results = workdir / "results" / "test"
-        stores_written[parts] = {
-            (name, level): zarr.open_array(str(results / f"{name}.ome.zarr" / level), mode="r")[...]
-            for name in ("raw", "probabilities", "segmentation") for level in ("0", "1", "2")}
-    assert stores_written[1].keys() == stores_written[3].keys()
-    for key, values in stores_written[1].items():
-        assert np.array_equal(values, stores_written[3][key]), key
+def test_one_part_and_three_parts_per_stage_write_identical_stores(finished_run, tmp_path):
+    # finished_run is the reference: preprocess and segment in one part each, predict in two
+    config = {**TINY, "predict": {**TINY["predict"], "parts": 3}, "preprocess": {**TINY["preprocess"], "parts": 3},
+              "segment": {"parts": 3},
+              # slow pyramid throughput: level 1 of every store gets jobs of its own
+              "cluster": {"throughput_mvoxel_per_s": {"pyramid": 1e-6}}}
+    workdir = write_tiny(tmp_path / "parts-3", config)
+    plan = planned_jobs(workdir, config)
+    assert plan["preprocess"] == 2 * 3 and plan["predict"] == 3 and plan["segment_label"] == 3
+    assert plan["pyramid"] >= 2 * 4  # levels 1 and 2 of raw, labels, probabilities, segmentation
+    run = snakemake(workdir)
+    assert run.returncode == 0, run.stderr[-3000:]
+    for name in ("raw", "probabilities", "segmentation"):
+        for level in ("0", "1", "2"):
+            one, three = (zarr.open_array(str(w / "results" / "test" / f"{name}.ome.zarr" / level), mode="r")[...]
+                          for w in (finished_run[0], workdir))
+            assert np.array_equal(one, three), (name, level)
