@@ -224,9 +224,9 @@ def main():
             print(f"{name:16s} {one['mvoxel_per_s_per_job']:17.1f} "
                   f"{max(one['peak_rss_mb'] + two['peak_rss_mb']):24.0f} {one['wall_s']:11.0f}s {two['wall_s']:12.0f}s "
                   f"{one['wall_s'] / two['wall_s']:9.2f}")
-        extra = {k: results[s]["1"][k] for s, k in (("preprocess", "finish_wall_s"), ("predict", "finish_wall_s"),
-                                                  ("segment_label", "join_wall_s"),
-                                                  ("segment_relabel", "finish_wall_s"))}
+        extra = {f"{name} {key.removesuffix('_wall_s')}": results[name]["1"][key]
+                 for name, key in (("preprocess", "finish_wall_s"), ("predict", "finish_wall_s"),
+                                   ("segment_label", "join_wall_s"), ("segment_relabel", "finish_wall_s"))}
         print("finishing jobs (1 part), seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in extra.items()))
         print(json.dumps({"shape": shape, "limit_mb": a.limit_mb, "threads": a.threads, "results": results}))
     finally:
