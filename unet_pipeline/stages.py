@@ -118,26 +118,25 @@ def training_config(config: dict) -> dict:
     }
 
 
+def _training_stores(config: dict, store_names: tuple[str, ...], slice_keys: tuple[str, ...]) -> str:
+    """--datasets of train and calibrate: each training dataset's stores and its slice selections, as JSON."""
+    results = config["results_dir"]
+    return json.dumps([{"name": n, **{s: f"{results}/{n}/{s}.ome.zarr" for s in store_names},
+                        **{k: config["datasets"][n].get(k) for k in slice_keys}}
+                       for n in training_datasets(config)])
+
+
 def train(config: dict) -> str:
     """The training datasets (paths and slices), the model and train sections, and the resolved config."""
-    results = config["results_dir"]
-    datasets = [
-        {"name": n, "raw": f"{results}/{n}/raw.ome.zarr", "labels": f"{results}/{n}/labels.ome.zarr",
-         "weights": f"{results}/{n}/weights.ome.zarr", "train": config["datasets"][n].get("train"),
-         "validate": config["datasets"][n].get("validate")}
-        for n in training_datasets(config)
-    ]
-    return _join(("--datasets", json.dumps(datasets)), ("--model", config["model"]),
+    datasets = _training_stores(config, ("raw", "labels", "weights"), ("train", "validate"))
+    return _join(("--datasets", datasets), ("--model", config["model"]),
                  ("--train", config["train"]), ("--run-config", training_config(config)))
 
 
 def calibrate(config: dict) -> str:
     """The validation slices, and everything of predict's that shapes the probabilities they are scored on."""
-    results, pred = config["results_dir"], config["predict"]
-    datasets = [{"name": n, "raw": f"{results}/{n}/raw.ome.zarr", "labels": f"{results}/{n}/labels.ome.zarr",
-                 "validate": config["datasets"][n].get("validate")}
-                for n in training_datasets(config)]
-    return _join(("--datasets", json.dumps(datasets)), ("--model", config["model"]),
+    pred = config["predict"]
+    return _join(("--datasets", _training_stores(config, ("raw", "labels"), ("validate",))), ("--model", config["model"]),
                  ("--run-config", training_config(config)), ("--tile-size", pred["tile_size"]),
                  ("--dtype", pred["dtype"]), ("--tta", pred["tta"]), ("--device", pred["device"]),
                  ("--precision", pred["precision"]))
