@@ -243,14 +243,12 @@ def cmd_train(a):
 
 def cmd_calibrate(a):
     """`unet-pipeline calibrate`: choose the segmentation settings on the validation slices, as predict predicts."""
-    import numpy as np
     import torch
 
     from unet_pipeline import calibrate
-    from unet_pipeline.errors import InputError
     from unet_pipeline.geometry import UNetConfig
     from unet_pipeline.inference import load_predictor
-    from unet_pipeline.train import load_labelled
+    from unet_pipeline.train import concatenate_slices, load_labelled
 
     _use_threads(a.threads)
     torch.set_num_threads(a.threads)
@@ -261,14 +259,11 @@ def cmd_calibrate(a):
         calibrate.write_record(a.out, calibrate.default_record("2d"))
         print(f"no validation slices: {a.out} records the default threshold 0.5")
         return
-    if len({images.shape[1:] for images, _ in parts}) > 1:
-        raise InputError(f"validation slices differ in size {sorted({i.shape[1:] for i, _ in parts})}; use "
-                         "datasets of one slice size.")
+    images, truth = concatenate_slices(parts, "validation")
     expected = UNetConfig(**_json(a.model, "--model")) if a.model else None
     predictor = load_predictor(a.checkpoint, a.device, a.precision, _tta(a.tta), a.tile_size, None, expected,
                                expected_training=_json(a.run_config, "--run-config"))
-    record = calibrate.choose_for_model(predictor, np.concatenate([i for i, _ in parts]),
-                                        np.concatenate([t for _, t in parts]), a.dtype)
+    record = calibrate.choose_for_model(predictor, images, truth, a.dtype)
     calibrate.write_record(a.out, record)
     print(f"segmentation chosen on {record['validation_slices']} validation slices: {record['method']} ({a.out})")
 
@@ -374,9 +369,7 @@ def cmd_report(a):
 
 def cmd_view(a):
     """`unet-pipeline view`: raw, probabilities and segmentation of a dataset in neuroglancer, served locally."""
-    from unet_pipeline.view import serve
-
-    from unet_pipeline.view import VIEW_PORT
+    from unet_pipeline.view import VIEW_PORT, serve
 
     serve(a.results, VIEW_PORT if a.port is None else a.port, open_browser=not a.no_browser)
 

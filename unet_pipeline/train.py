@@ -108,10 +108,15 @@ class SliceSet:
     @classmethod
     def concatenate(cls, parts: list["SliceSet"]) -> "SliceSet":
         """Slices of several datasets as one set (they must share a slice size)."""
-        shapes = {p.images.shape[1:] for p in parts}
-        if len(shapes) > 1:
-            raise InputError(f"training slices differ in size {sorted(shapes)}; use datasets of one slice size.")
-        return cls(*(np.concatenate([getattr(p, k) for p in parts]) for k in ("images", "labels", "weights")))
+        return cls(*concatenate_slices([(p.images, p.labels, p.weights) for p in parts], "training"))
+
+
+def concatenate_slices(parts: list[tuple[np.ndarray, ...]], what: str) -> tuple[np.ndarray, ...]:
+    """Arrays of several datasets' slices, each position concatenated along z; InputError unless one slice size."""
+    shapes = {arrays[0].shape[1:] for arrays in parts}
+    if len(shapes) > 1:
+        raise InputError(f"{what} slices differ in size {sorted(shapes)}; use datasets of one slice size.")
+    return tuple(np.concatenate(arrays) for arrays in zip(*parts))
 
 
 def load_labelled(raw_path, labels_path, slices: list[int]) -> tuple[np.ndarray, np.ndarray]:
