@@ -224,3 +224,31 @@ def test_the_watershed_halo_stops_at_its_bound_so_a_job_never_reads_the_whole_sl
     unbounded = SegmentationSettings("watershed", 0.5, "2d", 0.8, 5, max_halo_px=1024)
     label_block(read, block, prob.shape, unbounded)
     assert shapes[-1] == (1, 600, 600)  # without a bound: the whole slice
+
+
+def test_a_watershed_block_worked_in_small_tiles_equals_it_in_one_tile(monkeypatch):
+    # The tiles of a block read their own halos; the keys are the volume's, so the block's labels must not
+    # depend on the tile size (including tiles cut at the block's far edges and a block not at the origin).
+    from unet_pipeline import labelling
+    from unet_pipeline.geometry import Box
+
+    rng = np.random.default_rng(3)
+    prob = ndimage.gaussian_filter(rng.random((2, 150, 170)), (0, 5, 5))
+    prob = (prob - prob.min()) / (prob.max() - prob.min())
+    settings = SegmentationSettings("watershed", 0.45, "2d", 0.6, 10, max_halo_px=512)  # beyond the volume
+    block = Box((0, 20, 30), (2, 130, 150))
+
+    def read(box):
+        return prob[box.slices]
+
+    one = labelling.label_block(read, block, prob.shape, settings)
+    monkeypatch.setattr(labelling, "WATERSHED_TILE_PX", 25)  # 5 x 5 tiles, the last row and column cut
+    assert len(labelling._tiles(block, 25)) == 25
+    tiles = labelling._tiles(block, 25)
+    covered = np.zeros(block.shape, int)
+    for tile in tiles:
+        covered[tile.relative_to(block.start).slices] += 1
+    assert (covered == 1).all()  # the tiles cover the block exactly once
+    small = labelling.label_block(read, block, prob.shape, settings)
+    assert one[0].max() > 10
+    assert np.array_equal(one[0], small[0]) and np.array_equal(one[1], small[1])

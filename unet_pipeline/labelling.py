@@ -49,7 +49,7 @@ from scipy import ndimage
 
 from unet_pipeline.errors import ConfigError
 from unet_pipeline.flood import flood_levels, seeded_watershed
-from unet_pipeline.geometry import Box
+from unet_pipeline.geometry import BlockGrid, Box
 from unet_pipeline import schema
 from unet_pipeline.schema import choices
 
@@ -210,12 +210,11 @@ def label_block(read: Callable[[Box], np.ndarray], block: Box, volume: tuple[int
     return _number_by_appearance(keyed)
 
 
-def _tiles(block: Box, side: int):
-    """The block cut in y and x into tiles of at most `side` pixels a side."""
-    for y in range(block.start[1], block.stop[1], side):
-        for x in range(block.start[2], block.stop[2], side):
-            yield Box((block.start[0], y, x), (block.stop[0], min(y + side, block.stop[1]),
-                                               min(x + side, block.stop[2])))
+def _tiles(block: Box, side: int) -> list[Box]:
+    """The block cut in y and x into tiles of at most `side` pixels a side (a grid over the block)."""
+    grid = BlockGrid(block.shape, (block.shape[0], side, side))
+    back = tuple(-s for s in block.start)  # the grid's boxes are the block's; relative_to(-start) moves them in
+    return [grid.box(index).relative_to(back) for index in grid.indices()]
 
 
 def _watershed_keys(read: Callable[[Box], np.ndarray], tile: Box, volume: tuple[int, ...],
