@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from unet_pipeline import probability
 from unet_pipeline.flood import flood_levels, seeded_watershed
 
 
@@ -10,7 +11,7 @@ def _cells(seed=0, shape=(256, 256)):
     rng = np.random.default_rng(seed)
     prob = ndimage.gaussian_filter(rng.random(shape), 4)
     prob = (prob - prob.min()) / (prob.max() - prob.min())
-    return np.rint(prob * 255) / 255  # as a uint8 map reads back
+    return probability.as_stored(prob, "uint8")
 
 
 def test_regions_are_whole_never_touch_and_mostly_agree_with_skimage():
@@ -44,9 +45,9 @@ def test_the_lower_path_wins_and_lines_are_one_pixel_wide():
 
 
 def test_uint8_ties_stay_ties():
-    prob = np.arange(256) / 255
+    prob = probability.decode(np.arange(probability.ONE + 1, dtype=np.uint8), probability.SCALE)
     levels = flood_levels(prob)
-    assert len(np.unique(levels)) == 256 and np.all(np.diff(levels.astype(int)) < 0)
+    assert len(np.unique(levels)) == probability.ONE + 1 and np.all(np.diff(levels.astype(int)) < 0)
 
 
 def test_shapes_must_agree():

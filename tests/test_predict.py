@@ -8,7 +8,7 @@ import pytest
 import torch
 import zarr
 
-from unet_pipeline import stores
+from unet_pipeline import probability, stores
 from unet_pipeline.blockwise import PartialStore
 from unet_pipeline.errors import ConfigError, InputError
 from unet_pipeline.finish import finish_store
@@ -45,7 +45,7 @@ def _predict(predictor, raw, out, ckpt, parts=1, **kw):
 
 def _read(path):
     image = stores.open_image(path)
-    return stores.as_probability(image[...], image.attrs["probability_scale"])
+    return probability.decode(image[...], image.attrs[probability.SCALE_KEY])
 
 
 def test_chunked_prediction_equals_whole_slice_prediction(tmp_path):
@@ -195,7 +195,7 @@ def test_the_accelerators_data_path_gives_the_cpu_paths_result(tmp_path, monkeyp
         results[device_side] = stores.open_image(out)[...]
     expected = _pass_through_expected(Normaliser.from_attrs(stores.store_attrs(raw_path))(data))
     if out_dtype == "uint8":
-        assert np.abs(results[True].astype(int) - np.rint(expected * 255)).max() <= 1
+        assert np.abs(results[True].astype(int) - probability.encode(expected).astype(int)).max() <= 1
     else:
         assert np.abs(results[True] - expected).max() < 1e-6
     assert np.abs(results[True].astype(np.float64) - results[False]).max() <= (1 if out_dtype == "uint8" else 1e-6)

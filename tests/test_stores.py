@@ -78,24 +78,3 @@ def test_a_truncated_shard_is_an_error_naming_the_file(tmp_path):
     shard.write_bytes(shard.read_bytes()[:50])
     with pytest.raises(InputError, match=r"0/c/0/0/0: this file of .*raw.ome.zarr is damaged"):
         stores.open_image(path)[0]
-
-
-def test_uint8_probabilities_are_decoded_by_the_recorded_scale():
-    assert stores.probability_scale("uint8") == 255.0 and stores.probability_scale("float32") == 1.0
-    values = np.array([0, 128, 255], np.uint8)
-    assert np.allclose(stores.as_probability(values, 255.0), [0, 128 / 255, 1])
-    assert stores.as_probability(np.array([0.25], np.float16), 1.0).dtype == np.float64
-
-
-def test_a_stored_probability_on_a_tie_is_not_above_the_threshold():
-    """uint8 51 is exactly 0.2: segment, evaluate and calibration must all call it membrane at threshold 0.2."""
-    tie = stores.as_probability(np.array([51], np.uint8), 255.0)
-    assert float(tie[0]) == 0.2 and not (tie.astype(np.float64) > 0.2).any()  # float32 would make it 0.2000000030
-    assert (stores.as_probability(np.array([52], np.uint8), 255.0) > 0.2).all()
-
-
-def test_probabilities_as_stored_round_like_predict():
-    prob = np.array([0.2, 0.2 + 0.4 / 255, 0.2 + 0.6 / 255, 1.0, 0.0])
-    assert np.array_equal(stores.as_stored_probability(prob, "uint8") * 255, [51, 51, 52, 255, 0])
-    assert stores.as_stored_probability(prob, "float16")[1] == np.float16(prob[1])
-    assert stores.as_stored_probability(prob, "float32").dtype == np.float64

@@ -98,9 +98,12 @@ def test_whole_workflow_runs_and_outputs_open_in_ome_zarr_reader(finished_run):
     metrics = json.loads((results / "test" / "metrics" / "metrics.json").read_text())
     assert metrics["slices"] == [0, 1]
     # the scores are those of the map and labels the workflow wrote (read here through plain zarr)
+    from unet_pipeline import probability
     from unet_pipeline.metrics import aggregate, slice_statistics
 
-    prob = zarr.open_array(str(results / "test" / "probabilities.ome.zarr" / "0"), mode="r")[...] / 255.0
+    prob_group = zarr.open_group(str(results / "test" / "probabilities.ome.zarr"), mode="r")
+    assert prob_group.attrs["unet_pipeline"]["probability_scale"] == 200  # uint8, read as METRICS' thresholds need
+    prob = probability.decode(prob_group["0"][...], 200)
     gt = zarr.open_array(str(results / "test" / "labels.ome.zarr" / "0"), mode="r")[...]
     expected = aggregate([slice_statistics(np.where(gt[z] > 0, 255.0, 0.0), prob[z]) for z in (0, 1)]).summary()
     assert metrics["probability_map"]["rand_error"] == pytest.approx(expected["rand_error"], abs=1e-12)

@@ -99,9 +99,9 @@ def choose_for_model(predictor, images: np.ndarray, truth: np.ndarray, probabili
     TTA, precision); the probabilities pass through the dtype predict writes
     (uint8 quantises them), since those are what the segmentation reads.
     """
-    from unet_pipeline.stores import as_stored_probability
+    from unet_pipeline.probability import as_stored
 
-    prob = as_stored_probability(predictor.predict_image(images), probability_dtype)
+    prob = as_stored(predictor.predict_image(images), probability_dtype)
     return calibrate(prob, truth, connectivity)
 
 

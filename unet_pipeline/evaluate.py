@@ -18,7 +18,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 
-from unet_pipeline import atomic, stores
+from unet_pipeline import atomic, probability, stores
 from unet_pipeline.errors import ConfigError, InputError
 from unet_pipeline.sources import StackSource
 from unet_pipeline.metrics import as_cell_probability, aggregate, slice_statistics, thresholds
@@ -39,8 +39,8 @@ def read_proposal(path, z: int) -> np.ndarray:
     """Slice `z` of a proposal: this package's probabilities decoded by their recorded scale, else as stored."""
     stack = open_stack(path)
     values = stack[z]
-    if isinstance(stack, stores.StoreImage) and stores.PROBABILITY_SCALE_KEY in stack.attrs:
-        return stores.as_probability(values, stack.attrs[stores.PROBABILITY_SCALE_KEY])
+    if isinstance(stack, stores.StoreImage) and probability.SCALE_KEY in stack.attrs:
+        return probability.decode(values, stack.attrs[probability.SCALE_KEY])
     return values
 
 

@@ -30,14 +30,15 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-LEVELS = 65536  # flooding levels: 1 - p in steps of 1/65535 (uint8 probabilities keep their 256 levels exactly)
+LEVELS = 65536  # flooding levels: 1 - p in steps of 1/65535 (a uint8 map's 202 values keep their order and ties)
 
 
 def flood_levels(prob: np.ndarray) -> np.ndarray:
     """Cell probability -> flooding level, round((1 - p) * 65535) as uint16: cells flood first, membranes last.
 
-    Monotone in p, so pixels of equal probability share a level and a uint8
-    map (k / 255) keeps its order and its ties exactly.
+    Monotone in p, so pixels of equal probability share a level, and the
+    values of a uint8 map (`probability`: 1/200 apart) keep their order and
+    their ties exactly.
     """
     return np.rint((1.0 - np.asarray(prob, np.float64)) * (LEVELS - 1)).astype(np.uint16)
 

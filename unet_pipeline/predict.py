@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from unet_pipeline import __version__, stores
+from unet_pipeline import __version__, probability, stores
 from unet_pipeline.blockwise import BlockWriter, PartialStore, PartSummary, pending_strips
 from unet_pipeline.checkpoint import file_sha256
 from unet_pipeline.errors import InputError
@@ -161,14 +161,11 @@ class HostBuffers:
 
 
 def _encode_into(prob: torch.Tensor, dtype: str, out: torch.Tensor) -> None:
-    """Probability -> stored dtype, written into `out` (uint8: round(255 p), half to even like np.rint).
-
-    `prob` is scratch afterwards: uint8 is scaled and rounded in place, and
-    the conversion happens in the copy, so no block-sized temporary is made.
-    """
+    """Probability -> stored dtype, written into `out` (uint8: `probability.encode_into`; floats: the copy converts)."""
     if dtype == "uint8":
-        prob = prob.mul_(255.0).round_().clamp_(0, 255)
-    out.copy_(prob, non_blocking=out.device != prob.device)
+        probability.encode_into(prob, out)
+    else:
+        out.copy_(prob, non_blocking=out.device != prob.device)
 
 
 _TORCH_DTYPES = {"uint8": torch.uint8, "float16": torch.float16, "float32": torch.float32}
@@ -422,12 +419,16 @@ class _Pipeline:
 # --------------------------------------------------------------------------- stage
 def probability_signature(raw_path, checkpoint, shape, chunks, chunks_per_file, out_dtype: str, tile_size: int,
                           tta, precision: str, pyramid_levels) -> dict:
-    """Everything that shapes a probability map: the raw image's content, the network, the settings."""
+    """Everything that shapes a probability map: the raw image's content, the network, the settings.
+
+    The encoding is part of it, so a part left half-done by a version that
+    stored another code starts a new store instead of mixing two codes.
+    """
     return {"kind": "probabilities", "raw": str(Path(raw_path).resolve()), "raw_fingerprint":
             store_fingerprint(raw_path), "checkpoint_sha256": file_sha256(checkpoint), "shape": list(shape),
             "chunks": list(chunks), "chunks_per_file": list(chunks_per_file), "dtype": out_dtype,
             "tile_size": int(tile_size), "tta": str(tta), "precision": precision,
-            "pyramid_levels": pyramid_levels, "layout": LAYOUT_VERSION}
+            "pyramid_levels": pyramid_levels, "layout": LAYOUT_VERSION, **probability.store_attrs(out_dtype)}
 
 
 def predict_part(predictor: Predictor, raw_path: str | os.PathLike, out_path: str | os.PathLike,
@@ -483,6 +484,4 @@ def predict_part(predictor: Predictor, raw_path: str | os.PathLike, out_path: st
 def finish_probabilities(store: PartialStore, records: dict) -> dict:
     """The finished probability map's attributes: what it was computed from, and how to read its values."""
     signature = store.signature
-    return {**signature, "content": "cell probability (high = cell)",
-            stores.PROBABILITY_SCALE_KEY: stores.probability_scale(signature["dtype"]),
-            "package_version": __version__, FINGERPRINT: derive_fingerprint(signature)}
+    return {**signature, "content": "cell probability (high = cell)", "package_version": __version__, FINGERPRINT: derive_fingerprint(signature)}

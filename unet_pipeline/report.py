@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from unet_pipeline import atomic, stores
+from unet_pipeline import atomic, probability, stores
 from unet_pipeline.errors import InputError
 
 
@@ -81,7 +81,7 @@ def plot_example(example: dict, out_png: Path) -> list[str]:
     z = example["slice"]
     raw = stores.open_image(example["raw"])[z]
     prob_image = stores.open_image(example["prob"])
-    prob = stores.as_probability(prob_image[z], prob_image.attrs[stores.PROBABILITY_SCALE_KEY])
+    prob = probability.decode(prob_image[z], prob_image.attrs[probability.SCALE_KEY])
     written = stores.store_attrs(example["seg"])
     record = calibrate.read_record(example["calibration"]) if example.get("calibration") else None
     truth = stores.open_image(example["labels"])[z] if example.get("labels") else None

@@ -34,7 +34,7 @@ import numpy as np
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from unet_pipeline import atomic, stores
+from unet_pipeline import atomic, probability, stores
 from unet_pipeline.blockwise import PartialStore, PartSummary, run_part
 from unet_pipeline.errors import InputError
 from unet_pipeline.geometry import Part
@@ -102,13 +102,13 @@ def label_part(prob_path, out_path, part: Part, *, settings: SegmentationSetting
                threads: int) -> PartSummary:
     """Step 1: label this job's blocks; local ids into the scratch array, what the join needs beside it."""
     store, prob = open_store(prob_path, out_path, settings, pyramid_levels)
-    scale = prob.attrs[stores.PROBABILITY_SCALE_KEY]
+    scale = prob.attrs[probability.SCALE_KEY]
     grid = stores.block_grid(store.array(LOCAL, "r"))
     axes = joined_axes(settings.connectivity)
     (store.work_dir / "faces").mkdir(parents=True, exist_ok=True)
 
     def read(box):
-        return stores.as_probability(prob.read(box), scale)
+        return probability.decode(prob.read(box), scale)
 
     def compute(index, _):
         labels, keys = label_block(read, grid.box(index), prob.shape, settings)

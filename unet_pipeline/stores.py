@@ -358,37 +358,3 @@ def mark_results_folder(store: Path) -> None:
 
     atomic_write_text(folder / "zarr.json", '{"zarr_format": 3, "node_type": "group", "attributes": '
                                             '{"unet_pipeline": "results of unet-pipeline: one folder per dataset"}}')
-
-
-# --------------------------------------------------------------------------- probabilities as stored
-PROBABILITY_SCALE_KEY = "probability_scale"
-
-
-def probability_scale(dtype) -> float:
-    """Stored value of probability 1: 255 for uint8 (a probability in one byte), 1 for floats."""
-    return 255.0 if np.dtype(dtype) == np.uint8 else 1.0
-
-
-def as_probability(values: np.ndarray, scale: float) -> np.ndarray:
-    """Stored probability values -> float64 in [0, 1], by the scale the store records (never guessed from the data).
-
-    float64, because thresholds are compared in float64 everywhere (METRICS.md):
-    a uint8 51 is exactly 51/255 = 0.2 in float64 and not above the threshold
-    0.2, but float32(51) / 255 is 0.2000000030 and is. Through float32, the
-    segmentation and the evaluation would disagree about every pixel on a tie,
-    and on ISBI 2012 those 0.2 % of the pixels move the Rand error by 0.02.
-    """
-    values = values.astype(np.float64)
-    return values / scale if scale != 1.0 else values
-
-
-def as_stored_probability(prob: np.ndarray, dtype) -> np.ndarray:
-    """Probabilities as they read back after being stored as `dtype` (predict's rounding), in float64.
-
-    Settings chosen on probabilities must be chosen on the values the
-    segmentation will later read, ties and all.
-    """
-    prob = np.asarray(prob, np.float64)
-    if np.dtype(dtype) == np.uint8:
-        return as_probability(np.clip(np.rint(prob * 255.0), 0, 255).astype(np.uint8), 255.0)
-    return as_probability(prob.astype(dtype), 1.0)
