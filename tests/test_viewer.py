@@ -174,6 +174,17 @@ def test_the_rendered_slice_is_the_stored_slice(browser, results, name):
     assert np.corrcoef(shown.ravel(), _resized(stored, shown.shape).ravel())[0, 1] > 0.9
 
 
+def test_probability_one_is_drawn_white(browser, results):
+    # Stored values run 0 .. 201 (probability.py): drawn on the default 0 .. 255 grey scale, p = 1 would be
+    # 79 % grey. The view's shader range maps the stored value of p = 1 to white.
+    viewer, _ = browser
+    image = _only(viewer, "probabilities", scale=0.5)
+    stored = stores.open_image(results / "probabilities.ome.zarr")[1].astype(np.float64)
+    shown = image[_data_box(image)].mean(axis=2)
+    slope, offset = np.polyfit(_resized(stored, shown.shape).ravel(), shown.ravel(), 1)
+    assert slope == pytest.approx(255 / 201, rel=0.05) and abs(offset) < 4
+
+
 def test_the_segmentation_shows_its_cells_where_they_are_stored(browser, results):
     viewer, _ = browser
     box = _data_box(_only(viewer, "raw", scale=0.5))  # where the slice lies on the screen

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from RangeHTTPServer import RangeRequestHandler
 
-from unet_pipeline import stores
+from unet_pipeline import probability, stores
 from unet_pipeline.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -90,8 +90,10 @@ def viewer_state(found: dict[str, Path], data_url: str, z: int | None = None) ->
         if name not in found:
             continue
         layer = {"type": kind, "name": name, "source": f"zarr://{data_url}/data/{found[name].name}/"}
-        if name == "probabilities":
-            layer.update(opacity=0.5, visible="segmentation" not in found)
+        if name == "probabilities":  # the shader's grey scale spans p = 0 .. 1, whatever the stored values
+            top = probability.stored_one(stores.store_attrs(found[name]).get(probability.SCALE_KEY, 1.0))
+            layer.update(opacity=0.5, visible="segmentation" not in found,
+                         shaderControls={"normalized": {"range": [0, top]}})
         layers.append(layer)
     return {
         "dimensions": {"x": [voxel[2] * 1e-9, "m"], "y": [voxel[1] * 1e-9, "m"], "z": [voxel[0] * 1e-9, "m"]},
