@@ -63,6 +63,23 @@ def test_parts_follow_the_volume_and_the_measured_throughput():
     assert Planner(faster, TERABYTE).preprocess(1, "large").parts == pytest.approx(large.parts / 2, abs=1)
 
 
+def test_relabel_parts_ask_for_a_lookup_not_for_a_watershed():
+    # The relabel parts cover the label parts' blocks, but only look ids up: at the default throughputs
+    # (segment 20, watershed 4 Mvoxel/s) a fifth of the label parts' time, and no halo in memory.
+    config = validate_config(_config({}))
+    plan = dataset_plan(config, "train", TERABYTE, True)
+    label = plan.segmentation.write
+    voxels_per_part = 1e12 / label.parts
+    assert plan.relabel.runtime == 10 + -(-1.5 * voxels_per_part // (20e6 * 60))
+    assert label.job.runtime == 10 + -(-1.5 * voxels_per_part // (4e6 * 60))
+    # the 4.3 GB stack of benchmarks/workflow_scale.py: a relabel part peaked at 478 MB (1 thread), a label part
+    # at 929 MB
+    scale = dataset_plan(config, "train", (64, 8192, 8192), True)
+    assert 478 < scale.relabel.mem_mb < scale.segmentation.write.job.mem_mb
+    threshold = dataset_plan(validate_config(_config({}, segment={"method": "threshold"})), "train", TERABYTE, True)
+    assert threshold.relabel.runtime == threshold.segmentation.write.job.runtime  # both at the segment speed
+
+
 def test_memory_does_not_grow_with_slices_but_with_the_block_and_the_width():
     config = validate_config(_config({}))
     base = Planner(config, (100, 8192, 8192)).predict().job.mem_mb

@@ -175,13 +175,30 @@ class Planner:
         return self._stage("segment", "segment.parts", self.config["segment"]["parts"], grid, speed,
                            self.cpu_threads, mem)
 
+    def _face_voxels(self) -> int:
+        """Voxels on the segmentation's block faces: what the join reads, and bounds the ids it hands on."""
+        grid = self.grid("predict")
+        return sum(self.voxels // self.shape[a] for a in (1, 2)) * 2 * max(1, grid.grid_shape[1])
+
     def join(self) -> Job:
         """The one job that joins labels across block faces: memory grows with the faces, not the voxels."""
-        grid = self.grid("predict")
-        face_voxels = sum(self.voxels // self.shape[a] for a in (1, 2)) * 2 * max(1, grid.grid_shape[1])
+        face_voxels = self._face_voxels()
         return self._check("segment join", Job(1, FRAMEWORK_MB + math.ceil(2 * face_voxels / MB),
                                                START_MINUTES + math.ceil(face_voxels / (50 * MB) / 60)),
                            None)
+
+    def relabel(self, label: StagePlan) -> Job:
+        """A relabel part: the blocks of one label part again, each looked up and written, at relabelling speed.
+
+        No halo and no watershed: per thread a block of local ids, its final
+        ids and its compressed bytes (uint32 each), beside the join's id
+        tables, which every part loads (as large as the join plans them).
+        """
+        block = math.prod(self.grid("predict").block)
+        mem = self.cpu_threads * 3 * 4 * block + 2 * self._face_voxels()
+        job = Job(self.cpu_threads, FRAMEWORK_MB + math.ceil(MARGIN * mem / MB),
+                  _runtime(math.ceil(self.voxels / label.parts), self.speed["segment"]))
+        return self._check("segment relabel", job, "segment.parts")
 
     def store(self, section: str, write: StagePlan, itemsize: int, what: str) -> StorePlan:
         """Level 0 as planned, then the pyramid: levels of more than one job's work get jobs, the rest the finisher."""
@@ -234,8 +251,9 @@ class DatasetPlan:
     labels: StorePlan | None = None
     weights: Job | None = None
     probabilities: StorePlan | None = None
-    segmentation: StorePlan | None = None
+    segmentation: StorePlan | None = None  # its write parts label; relabel parts cover the same blocks
     join: Job | None = None
+    relabel: Job | None = None
 
 
 def _itemsize(config: dict, path: str) -> int:
@@ -268,4 +286,5 @@ def dataset_plan(config: dict, name: str, shape, predicted: bool) -> DatasetPlan
         plan.probabilities = planner.store("predict", planner.predict(), out_itemsize, f"{name} probabilities")
         plan.segmentation = planner.store("predict", planner.segment(), 4, f"{name} segmentation")
         plan.join = planner.join()
+        plan.relabel = planner.relabel(plan.segmentation.write)
     return plan

@@ -77,8 +77,8 @@ rule segment_relabel:
         f"{R}/benchmarks/segment_relabel/{{dataset}}-{{part}}.tsv"
     threads: CPU_JOB_CPUS
     resources:
-        mem_mb=lambda w: PLANS[w.dataset].segmentation.write.job.mem_mb,
-        runtime=lambda w: PLANS[w.dataset].segmentation.write.job.runtime,
+        mem_mb=lambda w: PLANS[w.dataset].relabel.mem_mb,
+        runtime=lambda w: PLANS[w.dataset].relabel.runtime,
         **cluster_resources(gpu=False),
     shell:
         logged(
