@@ -200,7 +200,7 @@ def test_watershed_needs_2d_and_sensible_seeds():
         SegmentationSettings("watershed", 0.5, "2d", 0.3, 10)
 
 
-def test_the_watershed_halo_stops_at_its_bound_so_a_job_never_reads_the_whole_slice(caplog):
+def test_the_watershed_halo_stops_at_its_bound_so_a_job_never_reads_the_whole_slice():
     """A mask that is one component over the whole slice would pull the whole slice into every block."""
     from unet_pipeline.geometry import Box
     from unet_pipeline.labelling import label_block
@@ -216,14 +216,29 @@ def test_the_watershed_halo_stops_at_its_bound_so_a_job_never_reads_the_whole_sl
         return prob[box.slices]
 
     bounded = SegmentationSettings("watershed", 0.5, "2d", 0.8, 5, max_halo_px=128)
-    with caplog.at_level("WARNING"):
-        labels, keys = label_block(read, block, prob.shape, bounded)
+    labels, keys, cut = label_block(read, block, prob.shape, bounded)
     assert max(s[1] for s in shapes) == 64 + 2 * 128 and max(s[2] for s in shapes) == 64 + 2 * 128
-    assert "halo bound" in caplog.text and labels.shape == (1, 64, 64) and (labels > 0).mean() > 0.9
+    assert cut == 1 and labels.shape == (1, 64, 64) and (labels > 0).mean() > 0.9
     shapes.clear()
     unbounded = SegmentationSettings("watershed", 0.5, "2d", 0.8, 5, max_halo_px=1024)
-    label_block(read, block, prob.shape, unbounded)
+    assert label_block(read, block, prob.shape, unbounded)[2] == 0
     assert shapes[-1] == (1, 600, 600)  # without a bound: the whole slice
+
+
+def test_a_label_job_warns_once_naming_how_many_blocks_reached_the_halo_bound(tmp_path, caplog):
+    # One mask component over the whole slice: every block's tile is cut at the bound. A terabyte has tens
+    # of thousands of tiles, so the job says it once, with the count, not once per tile.
+    rng = np.random.default_rng(3)
+    prob = ndimage.gaussian_filter(rng.random((1, 600, 600)), (0, 8, 8))
+    prob = ((prob - prob.min()) / (prob.max() - prob.min()) * 0.4 + 0.55).astype(np.float32)  # all above 0.5
+    path = _probability_store(tmp_path / "p.ome.zarr", prob, (1, 100, 100), (1, 2, 2))  # 3 x 3 blocks
+    settings = SegmentationSettings("watershed", 0.5, "2d", 0.8, 5, max_halo_px=128)
+    with caplog.at_level("DEBUG"):
+        summary = label_part(path, tmp_path / "s.ome.zarr", Part(0, 1), settings=settings, pyramid_levels="auto",
+                             threads=2)
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "halo" in r.getMessage()]
+    assert len(warned) == 1 and "in 9 of the 9 blocks" in warned[0] and "(0, 0, 0)" in warned[0]
+    assert summary.extra["blocks_beyond_halo"] == 9
 
 
 def test_a_watershed_block_worked_in_small_tiles_equals_it_in_one_tile(monkeypatch):

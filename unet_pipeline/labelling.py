@@ -31,7 +31,8 @@ The halo is at most `max_halo_px`, so that a job's memory is bounded
 by its blocks whatever the data: at a low cell threshold, leaky membranes
 can join a whole slice into one mask component, and a slice of a large
 volume does not fit in a job. A block that reaches the bound is labelled
-with what it read (a warning names it): pixels near its border may then be
+with what it read (`label_block` counts such tiles, and the label job
+warns once with their number): pixels near its border may then be
 flooded from other seeds than in a whole-slice watershed, and a seed cut by
 the halo's edge can split one cell at the block border. Seeds lie within a
 cell's width of every pixel, so a bound of several cell widths rarely
@@ -191,8 +192,9 @@ def _number_by_appearance(keyed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def label_block(read: Callable[[Box], np.ndarray], block: Box, volume: tuple[int, ...],
-                settings: SegmentationSettings) -> tuple[np.ndarray, np.ndarray | None]:
-    """One block's cells, numbered locally in raster order, and (watershed) each local id's key.
+                settings: SegmentationSettings) -> tuple[np.ndarray, np.ndarray | None, int]:
+    """One block's cells, numbered locally in raster order, (watershed) each local id's key, and the number
+    of its watershed tiles labelled with a halo cut at `max_halo_px`.
 
     `read(box)` returns cell probability (float64) of a box inside the volume.
     Threshold: labels of the block alone (joined across faces later), keys
@@ -203,11 +205,13 @@ def label_block(read: Callable[[Box], np.ndarray], block: Box, volume: tuple[int
     """
     if settings.method == "threshold":
         labels, _ = ndimage.label(read(block) > settings.threshold, structure(settings.connectivity))
-        return labels.astype(np.uint32), None
+        return labels.astype(np.uint32), None, 0
     keyed = np.full(block.shape, -1, np.int64)
+    cut = 0
     for tile in _tiles(block, WATERSHED_TILE_PX):
-        keyed[tile.relative_to(block.start).slices] = _watershed_keys(read, tile, volume, settings)
-    return _number_by_appearance(keyed)
+        keyed[tile.relative_to(block.start).slices], whole = _watershed_keys(read, tile, volume, settings)
+        cut += not whole
+    return (*_number_by_appearance(keyed), cut)
 
 
 def _tiles(block: Box, side: int) -> list[Box]:
@@ -217,30 +221,34 @@ def _tiles(block: Box, side: int) -> list[Box]:
     return [grid.box(index).relative_to(back) for index in grid.indices()]
 
 
+def halo_bound(settings: SegmentationSettings) -> int:
+    """How far (px) a watershed tile reads beyond its edges at most."""
+    return settings.max_halo_px or schema.default("segment.watershed.max_halo_px")
+
+
 def _watershed_keys(read: Callable[[Box], np.ndarray], tile: Box, volume: tuple[int, ...],
-                    settings: SegmentationSettings) -> np.ndarray:
-    """The key of each pixel's cell (-1 = membrane) in `tile`, flooded over the mask components it touches.
+                    settings: SegmentationSettings) -> tuple[np.ndarray, bool]:
+    """The key of each pixel's cell (-1 = membrane) in `tile`, flooded over the mask components it touches,
+    and whether those components lay wholly within the halo bound.
 
     Reads the tile with the largest halo once, and floods only the bounding
     box of the mask components that reach into the tile: a region depends on
     its component alone (seeds lie inside the mask), so this is the
     whole-slice result wherever those components are whole.
     """
-    limit = settings.max_halo_px or schema.default("segment.watershed.max_halo_px")
+    limit = halo_bound(settings)
     region = tile.grow((0, limit, limit)).clip(volume)
     prob = read(region)
     needed, whole = _components_around(prob > settings.threshold, region, tile, volume)
     if not whole:
-        log.warning("block %s: a cell region reaching into it extends beyond the %d px halo bound "
-                    "(segment.watershed.max_halo_px); labelled with that halo, so cells near its border may "
-                    "differ from a whole-slice watershed", tile, limit)
+        log.debug("tile %s: a cell region reaching into it extends beyond the %d px halo bound", tile, limit)
     prob = prob[needed.relative_to(region.start).slices]
     inner = tile.relative_to(needed.start).slices
     keyed = np.full(tile.shape, -1, np.int64)
     for z in range(needed.shape[0]):
         regions, keys = _watershed_slice(prob[z], settings, _flat_indices(needed, z, volume))
         keyed[z] = np.where(regions[inner[1:]] > 0, keys[regions[inner[1:]]], -1)
-    return keyed
+    return keyed, whole
 
 
 def _components_around(mask: np.ndarray, region: Box, tile: Box, volume: tuple[int, ...]) -> tuple[Box, bool]:

@@ -38,7 +38,7 @@ from unet_pipeline import atomic, probability, stores
 from unet_pipeline.blockwise import PartialStore, PartSummary, run_part
 from unet_pipeline.errors import InputError
 from unet_pipeline.geometry import Part
-from unet_pipeline.labelling import SegmentationSettings, label_block
+from unet_pipeline.labelling import SegmentationSettings, halo_bound, label_block
 from unet_pipeline.provenance import KEY as FINGERPRINT, derive_fingerprint, store_fingerprint
 from unet_pipeline.pyramid import image_builder
 
@@ -110,15 +110,28 @@ def label_part(prob_path, out_path, part: Part, *, settings: SegmentationSetting
     def read(box):
         return probability.decode(prob.read(box), scale)
 
+    beyond_halo = []  # blocks with watershed tiles cut at the halo bound (appended from the worker threads)
+
     def compute(index, _):
-        labels, keys = label_block(read, grid.box(index), prob.shape, settings)
+        labels, keys, cut = label_block(read, grid.box(index), prob.shape, settings)
+        if cut:
+            beyond_halo.append(grid.box(index))
         saved = faces(labels, axes) if keys is None else border_keys(labels, keys)
         with atomic.atomic_file(_faces_file(store, index), durable=True) as tmp:
             with open(tmp, "wb") as fh:
                 np.savez_compressed(fh, **saved)
         return labels, {"count": int(labels.max()) if labels.size else 0}
 
-    return run_part(store, LOCAL, grid, grid.strips(), part, "label", lambda strip: None, compute, threads)
+    summary = run_part(store, LOCAL, grid, grid.strips(), part, "label", lambda strip: None, compute, threads)
+    summary.extra["blocks_beyond_halo"] = len(beyond_halo)
+    if beyond_halo:  # once per job, not per tile: a terabyte has tens of thousands of tiles
+        log.warning("%s part %s: in %d of the %d blocks labelled, a cell region reaches beyond the %d px halo "
+                    "bound (segment.watershed.max_halo_px; first: %s); those blocks were labelled with that halo, "
+                    "so cells near their borders may differ from a whole-slice watershed. Where cells are that "
+                    "large, raise the bound; where a low cell threshold joins them through leaky membranes, raise "
+                    "segment.threshold", store.final, part, len(beyond_halo), summary.blocks_computed,
+                    halo_bound(settings), min(beyond_halo, key=lambda box: box.start))
+    return summary
 
 
 # --------------------------------------------------------------------------- step 2: join
