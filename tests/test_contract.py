@@ -119,3 +119,12 @@ def test_a_wheel_carries_the_schema_and_validates_configs(tmp_path):
     run = subprocess.run([sys.executable, "-c", check, str(tmp_path / "site")], cwd=tmp_path, capture_output=True,
                          text=True)
     assert run.returncode == 0 and "'base_channels': 64" in run.stdout, run.stderr[-2000:]
+
+
+def test_both_profiles_rerun_jobs_on_the_same_triggers():
+    # The workflow tests decide reruns with the local profile's triggers; a SLURM run must decide alike.
+    import yaml
+
+    local, slurm = (yaml.safe_load((REPO / "profiles" / name / "config.yaml").read_text()) for name in ("local", "slurm"))
+    assert local["rerun-triggers"] == slurm["rerun-triggers"]
+    assert "input" not in local["rerun-triggers"] and {"mtime", "params", "code"} <= set(local["rerun-triggers"])

@@ -10,7 +10,7 @@ rule pyramid:
     output:
         marker=temp(f"{R}/{{dataset}}/.parts/{{store}}/level{{level}}-{{part}}.json"),
     params:
-        part=lambda w: f"{w.part}/{store_plan(w).pyramid_parts[int(w.level) - 1]}",
+        part=part_arg,
     log:
         f"{R}/logs/pyramid/{{dataset}}-{{store}}-{{level}}-{{part}}.log",
     benchmark:

@@ -34,7 +34,7 @@ wildcard_constraints:
     dataset=r"[A-Za-z0-9_.-]+",
     name=r"[A-Za-z0-9_.-]+",
     store="|".join(BLOCKWISE_STORES),
-    part=r"\d+",
+    part=r"\d+-of-\d+",
     level=r"\d+",
 
 
@@ -118,8 +118,21 @@ def store_plan(wildcards):
 
 
 def markers(dataset, store, step, count):
-    """The summaries a step's jobs write (temporary: they mark that the jobs ran)."""
-    return [f"{R}/{dataset}/.parts/{store}/{step}-{i}.json" for i in range(count)]
+    """The summaries a step's jobs write (temporary: they mark that the jobs ran).
+
+    Named "<step>-<i>-of-<count>", so that the part count is in the file name
+    and not in the jobs' params: a new count (a throughput or `parts` changed
+    on a finished run) then changes no recorded params, and with the profiles'
+    rerun triggers (no `input`) reruns nothing, since the stores are the same
+    for any count. A run interrupted before its store was published finishes
+    with the new count, each part resuming from the blocks already written.
+    """
+    return [f"{R}/{dataset}/.parts/{store}/{step}-{i}-of-{count}.json" for i in range(count)]
+
+
+def part_arg(wildcards):
+    """The CLI's --part (i/count) of a job's `part` wildcard (i-of-count)."""
+    return wildcards.part.replace("-of-", "/")
 
 
 def write_markers(dataset, store):

@@ -8,7 +8,7 @@ rule predict:
     params:
         args=stages.predict(config),
         out=lambda w: store_path(w.dataset, "probabilities"),
-        part=lambda w: f"{w.part}/{PLANS[w.dataset].probabilities.write.parts}",
+        part=part_arg,
     log:
         f"{R}/logs/predict/{{dataset}}-{{part}}.log",
     benchmark:

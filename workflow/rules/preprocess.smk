@@ -9,7 +9,7 @@ rule preprocess:
         args=lambda w: stages.preprocess(config, w.dataset),
         source=lambda w: stages.source_identity(config, DATASETS[w.dataset]["raw"]),  # a replaced stack reruns
         out=lambda w: store_path(w.dataset, "raw"),
-        part=lambda w: f"{w.part}/{PLANS[w.dataset].raw.write.parts}",
+        part=part_arg,
     log:
         f"{R}/logs/preprocess/{{dataset}}-{{part}}.log",
     benchmark:
@@ -37,7 +37,7 @@ rule preprocess_labels:
         args=lambda w: stages.preprocess_labels(config, w.dataset),
         source=lambda w: stages.source_identity(config, DATASETS[w.dataset]["labels"]),
         out=lambda w: store_path(w.dataset, "labels"),
-        part=lambda w: f"{w.part}/{PLANS[w.dataset].labels.write.parts}",
+        part=part_arg,
     log:
         f"{R}/logs/preprocess_labels/{{dataset}}-{{part}}.log",
     benchmark:

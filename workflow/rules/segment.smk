@@ -13,7 +13,7 @@ rule segment_label:
     params:
         args=stages.segment(config),
         out=lambda w: store_path(w.dataset, "segmentation"),
-        part=lambda w: f"{w.part}/{PLANS[w.dataset].segmentation.write.parts}",
+        part=part_arg,
     log:
         f"{R}/logs/segment_label/{{dataset}}-{{part}}.log",
     benchmark:
@@ -70,7 +70,7 @@ rule segment_relabel:
     params:
         args=stages.segment(config),
         out=lambda w: store_path(w.dataset, "segmentation"),
-        part=lambda w: f"{w.part}/{PLANS[w.dataset].segmentation.write.parts}",
+        part=part_arg,
     log:
         f"{R}/logs/segment_relabel/{{dataset}}-{{part}}.log",
     benchmark:
