@@ -125,6 +125,7 @@ def test_both_profiles_rerun_jobs_on_the_same_triggers():
     # The workflow tests decide reruns with the local profile's triggers; a SLURM run must decide alike.
     import yaml
 
-    local, slurm = (yaml.safe_load((REPO / "profiles" / name / "config.yaml").read_text()) for name in ("local", "slurm"))
+    local, slurm = (yaml.safe_load((REPO / "profiles" / name / "config.yaml").read_text())
+                    for name in ("local", "slurm"))
     assert local["rerun-triggers"] == slurm["rerun-triggers"]
     assert "input" not in local["rerun-triggers"] and {"mtime", "params", "code"} <= set(local["rerun-triggers"])

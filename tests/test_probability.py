@@ -75,7 +75,8 @@ def test_predicts_torch_encoder_writes_the_codes_calibration_assumes(step):
 
 
 def test_stores_are_read_by_the_scale_they_record():
-    assert probability.store_attrs("uint8") == {"probability_scale": 200.0, "probability_encoding": probability.ENCODING}
+    assert probability.store_attrs("uint8") == {"probability_scale": 200.0,
+                                                "probability_encoding": probability.ENCODING}
     assert probability.store_attrs("float16") == {"probability_scale": 1.0}
     assert probability.decode(np.array([0, 51, 255], np.uint8), 255.0).tolist() == [0.0, 0.2, 1.0]  # older stores
     half = probability.decode(np.array([0.25], np.float16), 1.0)

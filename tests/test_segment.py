@@ -237,7 +237,7 @@ def test_a_label_job_warns_once_naming_how_many_blocks_reached_the_halo_bound(tm
         summary = label_part(path, tmp_path / "s.ome.zarr", Part(0, 1), settings=settings, pyramid_levels="auto",
                              threads=2)
     warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "halo" in r.getMessage()]
-    assert len(warned) == 1 and "in 9 of the 9 blocks" in warned[0] and "(0, 0, 0)" in warned[0]
+    assert len(warned) == 1 and "in 9 of the 9 blocks" in warned[0] and "z 0-1, y 0-200, x 0-200" in warned[0]
     assert summary.extra["blocks_beyond_halo"] == 9
 
 

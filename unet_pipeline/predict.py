@@ -484,4 +484,5 @@ def predict_part(predictor: Predictor, raw_path: str | os.PathLike, out_path: st
 def finish_probabilities(store: PartialStore, records: dict) -> dict:
     """The finished probability map's attributes: what it was computed from, and how to read its values."""
     signature = store.signature
-    return {**signature, "content": "cell probability (high = cell)", "package_version": __version__, FINGERPRINT: derive_fingerprint(signature)}
+    return {**signature, "content": "cell probability (high = cell)", "package_version": __version__,
+            FINGERPRINT: derive_fingerprint(signature)}
