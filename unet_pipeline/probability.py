@@ -53,22 +53,16 @@ ENCODING = (f"uint8 v = ceil({SCALE} p) for p < 1, {ONE} for p = 1; read 0 as 0,
 _DECODED = np.concatenate([[0.0], (np.arange(1, SCALE + 1) - 0.5) / SCALE, [1.0]])  # code -> float64
 
 
-def scale_for(dtype) -> float:
-    """The scale a map stored as `dtype` records: SCALE for uint8, 1 for floats."""
-    return float(SCALE) if np.dtype(dtype) == np.uint8 else 1.0
-
-
 def stored_one(scale: float) -> float:
     """The value a store of this scale holds for p = 1 (a viewer's top grey level)."""
     return float(ONE) if scale == SCALE else float(scale)
 
 
 def store_attrs(dtype) -> dict:
-    """What a probability store's attributes say about reading its values."""
-    attrs = {SCALE_KEY: scale_for(dtype)}
+    """What a probability store's attributes say about reading its values: this code for uint8, scale 1 for floats."""
     if np.dtype(dtype) == np.uint8:
-        attrs[ENCODING_KEY] = ENCODING
-    return attrs
+        return {SCALE_KEY: float(SCALE), ENCODING_KEY: ENCODING}
+    return {SCALE_KEY: 1.0}
 
 
 def encode(prob: np.ndarray) -> np.ndarray:

@@ -127,10 +127,10 @@ def label_part(prob_path, out_path, part: Part, *, settings: SegmentationSetting
     if beyond_halo:  # once per job, not per tile: a terabyte has tens of thousands of tiles
         first = min(beyond_halo, key=lambda box: box.start)
         log.warning("%s part %s: in %d of the %d blocks labelled, a cell region reaches beyond the %d px halo "
-                    "bound (segment.watershed.max_halo_px; the first at voxels %s); those blocks were labelled with that halo, "
-                    "so cells near their borders may differ from a whole-slice watershed. Where cells are that "
-                    "large, raise the bound; where a low cell threshold joins them through leaky membranes, raise "
-                    "segment.threshold", store.final, part, len(beyond_halo), summary.blocks_computed,
+                    "bound (segment.watershed.max_halo_px; the first at voxels %s); those blocks were labelled "
+                    "with that halo, so cells near their borders may differ from a whole-slice watershed. Where "
+                    "cells are that large, raise the bound; where a low cell threshold joins them through leaky "
+                    "membranes, raise segment.threshold", store.final, part, len(beyond_halo), summary.blocks_computed,
                     halo_bound(settings), ", ".join(f"{axis} {lo}-{hi}" for axis, lo, hi in
                                                     zip("zyx", first.start, first.stop)))
     return summary

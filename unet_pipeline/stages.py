@@ -136,7 +136,8 @@ def train(config: dict) -> str:
 def calibrate(config: dict) -> str:
     """The validation slices, and everything of predict's that shapes the probabilities they are scored on."""
     pred = config["predict"]
-    return _join(("--datasets", _training_stores(config, ("raw", "labels"), ("validate",))), ("--model", config["model"]),
+    return _join(("--datasets", _training_stores(config, ("raw", "labels"), ("validate",))),
+                 ("--model", config["model"]),
                  ("--run-config", training_config(config)), ("--tile-size", pred["tile_size"]),
                  ("--dtype", pred["dtype"]), ("--tta", pred["tta"]), ("--device", pred["device"]),
                  ("--precision", pred["precision"]))
